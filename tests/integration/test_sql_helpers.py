@@ -175,28 +175,31 @@ def fetch_audit_row(conn: Connection,
 
 def insert_event_defaults(conn: Connection, queue: str) -> int:
     """Call the 5-argument mikkoo.insert_event."""
-    return fetch_value(conn,
-                       'SELECT mikkoo.insert_event(%s, %s, %s, %s, %s)',
-                       queue, 'events', 'user.created', '{"id": 7}',
-                       'application/json')
+    event_id = fetch_value(conn,
+                           'SELECT mikkoo.insert_event(%s, %s, %s, %s, %s)',
+                           queue, 'events', 'user.created', '{"id": 7}',
+                           'application/json')
+    return int(event_id)
 
 
 def insert_event_json(conn: Connection, queue: str,
                       properties: str | None, headers: str | None,
                       content_type: str | None = 'text/plain') -> int:
     """Call the 7-argument mikkoo.insert_event with JSON text or None."""
-    return fetch_value(conn,
-                       'SELECT mikkoo.insert_event(%s, %s, %s, %s, %s,'
-                       ' %s::jsonb, %s::jsonb)',
-                       queue, 'events', 'user.deleted', 'gone', content_type,
-                       properties, headers)
+    event_id = fetch_value(conn,
+                           'SELECT mikkoo.insert_event(%s, %s, %s, %s, %s,'
+                           ' %s::jsonb, %s::jsonb)',
+                           queue, 'events', 'user.deleted', 'gone',
+                           content_type, properties, headers)
+    return int(event_id)
 
 
 def insert_audited(conn: Connection, queue: str) -> int:
     """Call mikkoo.insert_audited_event."""
     query = 'SELECT mikkoo.insert_audited_event(%s, %s, %s, %s, %s)'
-    return fetch_value(conn, query, queue, 'audited', 'order.paid',
-                       'order 42', 'text/plain')
+    event_id = fetch_value(conn, query, queue, 'audited', 'order.paid',
+                           'order 42', 'text/plain')
+    return int(event_id)
 
 
 def test_schema_installs_twice(database: str) -> None:
