@@ -1,0 +1,5 @@
+import sys
+
+from mikkoo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,140 @@
+"""The ``mikkoo`` command: validate the configuration, then run the controller."""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import logging.config
+import sys
+import types
+from typing import Any
+
+from mikkoo import __version__, sentry
+from mikkoo.config import ConfigError, Settings, load, masked
+from mikkoo.controller import Controller
+
+LOGGER = logging.getLogger('mikkoo')
+
+# Exit statuses of the mikkoo command.
+EXIT_OK = 0
+EXIT_FAILURE = 1          # mikkoo failed while running
+EXIT_CONFIG_ERROR = 2     # the configuration file or command line is unusable
+EXIT_CANNOT_START = 3     # could not daemonise (pidfile, user, already running)
+
+DEFAULT_FORMAT = ('%(asctime)s %(levelname)-8s %(processName)s[%(process)d] '
+                  '%(name)s: %(message)s')
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='mikkoo', description='Mikkoo is a PgQ to RabbitMQ Relay')
+    parser.add_argument('-c', '--config', help='Path to the configuration file')
+    parser.add_argument('-f', '--foreground', action='store_true',
+                        help='Run interactively in the foreground')
+    parser.add_argument('--version', action='version', version=f'%(prog)s {__version__}')
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run mikkoo with command-line arguments ``argv``; return the exit status."""
+    arguments = parse_arguments(argv)
+    if not arguments.config:
+        print('mikkoo: no configuration file given; run mikkoo -c mikkoo.yml',
+              file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        settings = load(arguments.config)
+        configure_logging(settings, arguments.foreground)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f'mikkoo: {error.path}: {problem}', file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    LOGGER.info('mikkoo %s starting with configuration %s: %s', __version__,
+                settings.path, masked(settings))
+    if arguments.foreground:
+        return run(settings)
+    return daemonise(settings)
+
+
+def run(settings: Settings) -> int:
+    sentry.init(settings.sentry_dsn, __version__)
+    try:
+        return Controller(settings).run()
+    except Exception:
+        LOGGER.exception('mikkoo controller failed')
+        sentry.capture_exception()
+        return EXIT_FAILURE
+
+
+def daemonise(settings: Settings) -> int:
+    """Fork into the background with helper and run there.
+
+    The calling process returns EXIT_CANNOT_START when the daemon cannot be
+    set up; otherwise helper exits it once the daemon has forked.
+    """
+    from helper import unix
+
+    target = _DaemonTarget(settings)
+    try:
+        daemon = unix.Daemon(target)
+    except (OSError, ValueError) as error:
+        print(f'mikkoo: cannot start the daemon: {error}', file=sys.stderr)
+        return EXIT_CANNOT_START
+    with daemon:
+        daemon.start()
+    return target.status
+
+
+class _DaemonTarget:
+    """The object helper's Daemon runs: it reads ``config.daemon`` and calls start()."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.status = EXIT_OK
+        daemon = settings.daemon
+        self.config = types.SimpleNamespace(daemon=types.SimpleNamespace(
+            user=daemon.user, group=daemon.group, pidfile=daemon.pidfile))
+
+    def start(self) -> None:
+        self.status = run(self.settings)
+        sys.exit(self.status)
+
+
+def configure_logging(settings: Settings, foreground: bool) -> None:
+    """Apply the Logging section, or log to stderr when there is none.
+
+    Handlers marked ``debug_only: true`` are used only in the foreground.
+    Raises ConfigError when logging.config rejects the section.
+    """
+    if settings.logging is None:
+        logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
+        # pika narrates every connection step at INFO.
+        logging.getLogger('pika').setLevel(logging.WARNING)
+        return
+    config = _without_debug_only_handlers(copy.deepcopy(settings.logging), foreground)
+    config.setdefault('version', 1)
+    config.setdefault('disable_existing_loggers', False)
+    try:
+        logging.config.dictConfig(config)
+    except (ValueError, TypeError, AttributeError, ImportError) as error:
+        raise ConfigError(settings.path, [f'Logging: invalid logging configuration: '
+                                          f'{" ".join(str(error).split())}']) from None
+
+
+def _without_debug_only_handlers(config: dict[str, Any], foreground: bool) -> dict[str, Any]:
+    handlers = config.get('handlers') or {}
+    dropped = set()
+    for name, handler in list(handlers.items()):
+        if isinstance(handler, dict) and handler.pop('debug_only', False) and not foreground:
+            dropped.add(name)
+            del handlers[name]
+    if dropped:
+        for section in [*(config.get('loggers') or {}).values(), config.get('root') or {}]:
+            if isinstance(section, dict) and 'handlers' in section:
+                section['handlers'] = [h for h in section['handlers'] if h not in dropped]
+    return config
+
+
+if __name__ == '__main__':
+    sys.exit(main())

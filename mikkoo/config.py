@@ -1,0 +1,436 @@
+"""Load and validate the YAML configuration file.
+
+Every option is declared once in the tables below, with its type, default
+and description. :func:`load` checks the whole file and raises
+:class:`ConfigError` carrying every problem found, so that a user fixes a
+file in one pass and no process starts on a half-valid configuration.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pwd
+import urllib.parse
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import yaml
+
+LOGGER = logging.getLogger(__name__)
+
+AMQP_PORT = 5672
+AMQPS_PORT = 5671
+
+
+class ConfigError(Exception):
+    """Raised when the configuration file cannot be used; holds every problem."""
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        super().__init__('\n'.join(f'{path}: {problem}' for problem in problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class RabbitMQSettings:
+    host: str = 'localhost'
+    port: int = AMQP_PORT
+    vhost: str = '/'
+    username: str = 'guest'
+    password: str = 'guest'
+    ssl_options: dict[str, Any] | None = None
+    heartbeat_interval: int = 300
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueSettings:
+    """The options of one PgQ queue, and so of one worker process."""
+
+    queue: str
+    postgres_url: str
+    rabbitmq: RabbitMQSettings
+    confirm: bool = True
+    consumer_name: str = 'mikkoo'
+    max_failures: int = 10
+    retry_delay: float = 10.0
+    unregister: bool = True
+    wait_duration: float = 10.0
+    max_unconfirmed: int = 5000
+    fetch_size: int = 5000
+
+
+@dataclasses.dataclass(frozen=True)
+class StatsdSettings:
+    enabled: bool = False
+    host: str = 'localhost'
+    port: int = 8125
+    prefix: str = 'mikkoo'
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonSettings:
+    user: str | None = None
+    group: str | None = None
+    pidfile: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration file."""
+
+    path: str
+    workers: dict[str, QueueSettings]
+    poll_interval: float = 60.0
+    shutdown_timeout: float = 60.0
+    sentry_dsn: str | None = None
+    statsd: StatsdSettings = StatsdSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    logging: dict[str, Any] | None = None
+
+
+# A checker takes the raw YAML value and returns the clean value, or raises
+# ValueError with the text that follows "must be" in the error message.
+Checker = Callable[[Any], Any]
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError('true or false')
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError('a non-empty string')
+    return value
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError('an integer of 0 or more')
+    return value
+
+
+def _positive_count(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError('an integer of 1 or more')
+    return value
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError('a port number from 1 to 65535')
+    return value
+
+
+def _seconds(value: Any) -> float:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError('a number of seconds, 0 or more')
+    return float(value)
+
+
+def _positive_seconds(value: Any) -> float:
+    if _seconds(value) <= 0:
+        raise ValueError('a number of seconds greater than 0')
+    return float(value)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    if not isinstance(value, Mapping):
+        raise ValueError('a mapping of keys to values')
+    return dict(value)
+
+
+def _postgres_url(value: Any) -> str:
+    text = _text(value)
+    if not (text.startswith(('postgresql://', 'postgres://')) or '=' in text):
+        raise ValueError('a libpq URL such as postgresql://user@host:5432/dbname')
+    return text
+
+
+def _user(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = _text(value)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError('the name of an existing system user') from None
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One configuration key: where it goes, how it is checked, what it means."""
+
+    key: str
+    check: Checker
+    default: Any
+    description: str
+    aliases: tuple[str, ...] = ()
+    required: bool = False
+
+
+APPLICATION_OPTIONS = (
+    Option('poll_interval', _positive_seconds, 60.0,
+           'Seconds between the statistics log lines of the controller.'),
+    Option('shutdown_timeout', _positive_seconds, 60.0,
+           'Seconds workers get to settle their batch after SIGTERM before '
+           'they are killed.'),
+    Option('sentry_dsn', _optional_text, None,
+           'Sentry DSN; reports exceptions when sentry-sdk or raven is installed.'),
+    Option('statsd', _mapping, {}, 'StatsD counters and gauges, see below.'),
+    Option('workers', _mapping, None,
+           'Mapping of PgQ queue name to the options of its worker.',
+           required=True),
+)
+
+STATSD_OPTIONS = (
+    Option('enabled', _boolean, False, 'Send metrics to StatsD.'),
+    Option('host', _text, 'localhost', 'StatsD host.'),
+    Option('port', _port, 8125, 'StatsD UDP port.'),
+    Option('prefix', _text, 'mikkoo', 'Prefix of every metric name.'),
+)
+
+QUEUE_OPTIONS = (
+    Option('postgres_url', _postgres_url, None,
+           'libpq URL of the database that holds the queue.',
+           aliases=('postgresql_url',), required=True),
+    Option('rabbitmq', _mapping, None,
+           'RabbitMQ connection, see below; or use rabbitmq_url.'),
+    Option('rabbitmq_url', _text, None,
+           'RabbitMQ as an amqp:// or amqps:// URL, instead of rabbitmq.'),
+    Option('confirm', _boolean, True,
+           'Wait for RabbitMQ publisher confirmations before finishing a batch.'),
+    Option('consumer_name', _text, 'mikkoo', 'PgQ consumer name.'),
+    Option('max_failures', _count, 10,
+           'Failed deliveries of an event before it is discarded.'),
+    Option('retry_delay', _seconds, 10.0,
+           'Seconds until PgQ hands a failed event back.',
+           aliases=('retry_interval',)),
+    Option('unregister', _boolean, True,
+           'Unregister the PgQ consumer on shutdown.'),
+    Option('wait_duration', _positive_seconds, 10.0,
+           'Seconds to wait after an empty batch.'),
+    Option('max_unconfirmed', _positive_count, 5000,
+           'Messages published but not yet confirmed, at most.'),
+    Option('fetch_size', _positive_count, 5000,
+           'Events read from the batch cursor at a time.'),
+)
+
+RABBITMQ_OPTIONS = (
+    Option('host', _text, 'localhost', 'RabbitMQ host.'),
+    Option('port', _port, None, 'RabbitMQ port; 5672, or 5671 with ssl_options.'),
+    Option('vhost', _text, '/', 'Virtual host.'),
+    Option('username', _text, 'guest', 'User name.'),
+    Option('password', _text, 'guest', 'Password.'),
+    Option('ssl_options', _mapping, None, 'TLS settings; presence turns TLS on.'),
+    Option('heartbeat_interval', _count, 300,
+           'Seconds between AMQP heartbeats; 0 turns them off.'),
+)
+
+SSL_OPTION_KEYS = ('ca_certs', 'ca_path', 'ca_data', 'protocol', 'certfile',
+                   'keyfile', 'password', 'ciphers', 'verify_hostname')
+
+DAEMON_OPTIONS = (
+    Option('user', _user, None, 'User to run as when daemonised.'),
+    Option('group', _optional_text, None, 'Group to run as when daemonised.'),
+    Option('pidfile', _optional_text, None, 'Path of the pidfile when daemonised.'),
+    Option('prevent_core', _boolean, True, 'Accepted for compatibility; unused.'),
+)
+
+SECRET_KEYS = frozenset({'password', 'sentry_dsn'})
+
+
+class _Collector:
+    """Gathers problems while the sections are checked."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def section(self, values: Any, where: str) -> dict[str, Any]:
+        if values is None:
+            return {}
+        if not isinstance(values, Mapping):
+            self.problems.append(f'{where}: must be a mapping of keys to values')
+            return {}
+        return dict(values)
+
+    def options(self, values: Mapping[str, Any], options: tuple[Option, ...],
+                where: str) -> dict[str, Any]:
+        """Return every option's checked value or default, recording problems."""
+        known = {name for option in options for name in (option.key, *option.aliases)}
+        for key in values:
+            if key not in known:
+                LOGGER.warning('%s: unknown key %s.%s is ignored', 'config', where, key)
+        result: dict[str, Any] = {}
+        for option in options:
+            result[option.key] = self._option(values, option, where)
+        return result
+
+    def _option(self, values: Mapping[str, Any], option: Option, where: str) -> Any:
+        present = [name for name in (option.key, *option.aliases) if name in values]
+        if len(present) > 1:
+            self.problems.append(
+                f'{where}: {" and ".join(present)} mean the same; keep only one')
+        if not present:
+            if option.required:
+                self.problems.append(f'{where}.{option.key}: missing, it is required')
+            return option.default
+        raw = values[present[0]]
+        try:
+            return option.check(raw)
+        except ValueError as error:
+            self.problems.append(
+                f'{where}.{present[0]}: must be {error}, got {raw!r}')
+            return option.default
+
+
+def load(path: str) -> Settings:
+    """Read and validate the configuration file at ``path``.
+
+    Raises ConfigError listing every problem when the file is missing,
+    unreadable, not YAML, or holds invalid values.
+    """
+    document = _read(path)
+    collector = _Collector()
+    root = collector.section(document, 'top level')
+    application = collector.section(root.get('Application'), 'Application')
+    app = collector.options(application, APPLICATION_OPTIONS, 'Application')
+    statsd = collector.options(collector.section(app['statsd'], 'Application.statsd'),
+                               STATSD_OPTIONS, 'Application.statsd')
+    daemon = collector.options(collector.section(root.get('Daemon'), 'Daemon'),
+                               DAEMON_OPTIONS, 'Daemon')
+    workers = _workers(collector, app['workers'] or {})
+    logging_config = root.get('Logging')
+    if logging_config is not None and not isinstance(logging_config, Mapping):
+        collector.problems.append('Logging: must be a logging.config.dictConfig mapping')
+    if application and 'workers' in application and not workers and not collector.problems:
+        collector.problems.append('Application.workers: configure at least one queue')
+    if collector.problems:
+        raise ConfigError(path, collector.problems)
+    del daemon['prevent_core']
+    return Settings(
+        path=path, workers=workers, poll_interval=app['poll_interval'],
+        shutdown_timeout=app['shutdown_timeout'], sentry_dsn=app['sentry_dsn'],
+        statsd=StatsdSettings(**statsd), daemon=DaemonSettings(**daemon),
+        logging=dict(logging_config) if logging_config else None)
+
+
+def _read(path: str) -> Any:
+    try:
+        with open(path, encoding='utf-8') as handle:
+            return yaml.safe_load(handle)
+    except FileNotFoundError:
+        raise ConfigError(path, ['file not found; pass an existing file with -c']) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(path, [f'cannot read the file: {error}']) from None
+    except yaml.YAMLError as error:
+        detail = ' '.join(str(error).split())
+        raise ConfigError(path, [f'invalid YAML: {detail}']) from None
+
+
+def _workers(collector: _Collector, workers: dict[str, Any]) -> dict[str, QueueSettings]:
+    result = {}
+    for queue, values in workers.items():
+        where = f'Application.workers.{queue}'
+        if not isinstance(queue, str) or not queue:
+            collector.problems.append(f'{where}: a queue name must be a non-empty string')
+            continue
+        options = collector.options(collector.section(values, where), QUEUE_OPTIONS, where)
+        rabbitmq = _rabbitmq(collector, options.pop('rabbitmq'),
+                             options.pop('rabbitmq_url'), where)
+        if options['postgres_url'] is None:
+            continue
+        result[queue] = QueueSettings(queue=queue, rabbitmq=rabbitmq, **options)
+    return result
+
+
+def _rabbitmq(collector: _Collector, section: dict[str, Any] | None,
+              url: str | None, where: str) -> RabbitMQSettings:
+    if section is not None and url is not None:
+        collector.problems.append(f'{where}: set rabbitmq or rabbitmq_url, not both')
+    if url is not None:
+        try:
+            return parse_amqp_url(url)
+        except ValueError as error:
+            collector.problems.append(f'{where}.rabbitmq_url: {error}')
+            return RabbitMQSettings()
+    values = collector.options(section or {}, RABBITMQ_OPTIONS, f'{where}.rabbitmq')
+    ssl_options = values['ssl_options']
+    if ssl_options is not None:
+        for key in ssl_options:
+            if key not in SSL_OPTION_KEYS:
+                collector.problems.append(
+                    f'{where}.rabbitmq.ssl_options.{key}: unknown key; expected one of '
+                    f'{", ".join(SSL_OPTION_KEYS)}')
+    if values['port'] is None:
+        values['port'] = AMQP_PORT if ssl_options is None else AMQPS_PORT
+    return RabbitMQSettings(**values)
+
+
+def parse_amqp_url(url: str) -> RabbitMQSettings:
+    """Return the connection settings an amqp:// or amqps:// URL describes.
+
+    Raises ValueError naming what is wrong with the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ('amqp', 'amqps'):
+        raise ValueError('must start with amqp:// or amqps://, got '
+                         f'{mask_url(url)!r}')
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f'invalid port in {mask_url(url)!r}') from None
+    tls = parts.scheme == 'amqps'
+    query = urllib.parse.parse_qs(parts.query)
+    heartbeat = query.get('heartbeat', query.get('heartbeat_interval', ['300']))[0]
+    if not heartbeat.isdigit():
+        raise ValueError(f'heartbeat must be a whole number of seconds, got {heartbeat!r}')
+    vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else '/'
+    return RabbitMQSettings(
+        host=parts.hostname or 'localhost',
+        port=port or (AMQPS_PORT if tls else AMQP_PORT),
+        vhost=vhost,
+        username=urllib.parse.unquote(parts.username or 'guest'),
+        password=urllib.parse.unquote(parts.password or 'guest'),
+        ssl_options={} if tls else None,
+        heartbeat_interval=int(heartbeat))
+
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with the password, if any, replaced by asterisks.
+
+    Handles URLs (scheme://user:password@host) and libpq key=value strings.
+    """
+    if '://' not in url:
+        return ' '.join('password=****' if item.startswith('password=') else item
+                        for item in url.split())
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f':{parts.password}@', ':****@', 1)
+    query = urllib.parse.urlencode(
+        [(key, '****' if key == 'password' else value)
+         for key, value in urllib.parse.parse_qsl(parts.query)])
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+
+
+def masked(value: Any) -> Any:
+    """Return a copy of a settings value that is safe to log."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return {key: '****' if key in SECRET_KEYS and val else
+                mask_url(val) if key in ('postgres_url', 'rabbitmq_url') and val
+                else masked(val)
+                for key, val in value.items()}
+    if isinstance(value, list):
+        return [masked(item) for item in value]
+    return value

@@ -1,0 +1,230 @@
+"""Turn a PgQ event into an AMQP message.
+
+| PgQ       | AMQP                                              |
+|-----------|---------------------------------------------------|
+| ev_type   | routing key                                       |
+| ev_data   | body (NULL is an empty body)                      |
+| ev_extra1 | exchange (NULL is the default exchange)           |
+| ev_extra2 | content_type property                             |
+| ev_extra3 | JSON object of AMQP properties                    |
+| ev_extra4 | JSON object of headers                            |
+| ev_time   | timestamp header (ISO-8601, UTC) and property     |
+| ev_txid   | txid header                                       |
+
+Metadata that cannot be used is left out with a warning and the event is
+still published. This module imports neither pika nor psycopg2.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import uuid
+from typing import Any, NamedTuple
+
+LOGGER = logging.getLogger(__name__)
+
+# AMQP encodes these as shortstr: at most 255 bytes of UTF-8.
+SHORTSTR_MAX = 255
+INT64_MIN = -(2 ** 63)
+INT64_MAX = 2 ** 63 - 1
+
+STRING_PROPERTIES = frozenset({
+    'app_id', 'content_encoding', 'content_type', 'correlation_id',
+    'expiration', 'message_id', 'type', 'user_id'})
+INTEGER_PROPERTIES = {'delivery_mode': (1, 2), 'priority': (0, 255),
+                      'timestamp': (0, INT64_MAX)}
+ALLOWED_PROPERTIES = STRING_PROPERTIES | set(INTEGER_PROPERTIES) | {'headers'}
+
+
+class Event(NamedTuple):
+    """One row of a PgQ batch, as :mod:`mikkoo.pgq` reads it."""
+
+    id: int
+    time: str       # ev_time as ISO-8601 in UTC
+    epoch: int      # ev_time as whole seconds since the Unix epoch
+    txid: int | None
+    retry: int | None
+    type: str | None
+    data: str | None
+    extra1: str | None
+    extra2: str | None
+    extra3: str | None
+    extra4: str | None
+
+
+class Message(NamedTuple):
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: dict[str, Any]
+
+
+class InvalidMessage(Exception):
+    """Raised when an event cannot become an AMQP message at all."""
+
+
+class Sequence:
+    """Produce 64-bit integers that increase within this process.
+
+    Each value is at least the current time in microseconds since the epoch,
+    so values from different hosts with synchronised clocks sort roughly by
+    time. They fit a signed 64-bit header until the year 294,000.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, time.time_ns() // 1000)
+        return self._last
+
+
+class EventMapper:
+    """Map the events of one queue to messages, logging unusable metadata."""
+
+    def __init__(self, queue: str, origin: str | None = None,
+                 sequence: Sequence | None = None) -> None:
+        self.queue = queue
+        self.origin = origin or socket.getfqdn()
+        self.sequence = sequence or Sequence()
+
+    def map(self, event: Event) -> Message:
+        """Return the message for ``event``.
+
+        Raises InvalidMessage when the exchange or routing key cannot be sent.
+        """
+        exchange = event.extra1 or ''
+        routing_key = event.type or ''
+        _check_shortstr(exchange, 'exchange (ev_extra1)')
+        _check_shortstr(routing_key, 'routing key (ev_type)')
+
+        properties = self._event_properties(event)
+        headers = properties.get('headers')
+        if headers is None:
+            headers = self._json_object(event, 'ev_extra4', event.extra4)
+        headers = self._clean_headers(event, headers or {})
+        self._add_automatic_headers(event, headers)
+        properties['headers'] = headers
+
+        properties.setdefault('app_id', 'mikkoo')
+        properties.setdefault('correlation_id', str(uuid.uuid4()))
+        properties.setdefault('timestamp', event.epoch)
+        if event.extra2 is not None and 'content_type' not in properties:
+            content_type = self._content_type(event)
+            if content_type is not None:
+                properties['content_type'] = content_type
+
+        body = event.data.encode('utf-8') if event.data is not None else b''
+        return Message(exchange, routing_key, body, properties)
+
+    def _event_properties(self, event: Event) -> dict[str, Any]:
+        """Return the valid properties of ev_extra3, warning about the rest."""
+        values = self._json_object(event, 'ev_extra3', event.extra3)
+        if not values:
+            return {}
+        properties = {}
+        for name, value in values.items():
+            problem = _property_problem(name, value)
+            if problem:
+                self._warn(event, f'ev_extra3 property {name!r}', problem)
+                continue
+            properties[name] = str(value) if name == 'expiration' else value
+        return properties
+
+    def _content_type(self, event: Event) -> str | None:
+        content_type = event.extra2 or ''
+        if len(content_type.encode('utf-8')) > SHORTSTR_MAX:
+            self._warn(event, 'ev_extra2', 'content type is longer than 255 bytes')
+            return None
+        return content_type
+
+    def _json_object(self, event: Event, field: str,
+                     text: str | None) -> dict[str, Any] | None:
+        if text is None or text == '':
+            return None
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            self._warn(event, field, f'invalid JSON ({error})')
+            return None
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            self._warn(event, field, f'JSON {type(value).__name__} is not an object')
+            return None
+        return value
+
+    def _clean_headers(self, event: Event, headers: dict[str, Any]) -> dict[str, Any]:
+        clean = {}
+        for name, value in headers.items():
+            problem = _header_problem(name, value)
+            if problem:
+                self._warn(event, f'header {name!r}', problem)
+                continue
+            clean[name] = value
+        return clean
+
+    def _add_automatic_headers(self, event: Event, headers: dict[str, Any]) -> None:
+        # The event's own headers win over the automatic ones.
+        headers.setdefault('origin', self.origin)
+        headers.setdefault('sequence', self.sequence.next())
+        headers.setdefault('timestamp', event.time)
+        headers.setdefault('txid', event.txid)
+
+    def _warn(self, event: Event, field: str, problem: str) -> None:
+        LOGGER.warning('queue %s event %s: %s left out: %s',
+                       self.queue, event.id, field, problem)
+
+
+def _check_shortstr(value: str, what: str) -> None:
+    if len(value.encode('utf-8')) > SHORTSTR_MAX:
+        raise InvalidMessage(f'{what} is longer than 255 bytes')
+
+
+def _property_problem(name: str, value: Any) -> str | None:
+    """Return why ``value`` cannot be the AMQP property ``name``, or None."""
+    if name not in ALLOWED_PROPERTIES:
+        return 'not an AMQP property mikkoo sets'
+    if name == 'headers':
+        return None if isinstance(value, dict) else 'must be a JSON object'
+    if name == 'expiration' and _is_integer(value) and value >= 0:
+        return None
+    if name in STRING_PROPERTIES:
+        if not isinstance(value, str):
+            return f'must be a string, got {value!r}'
+        if len(value.encode('utf-8')) > SHORTSTR_MAX:
+            return 'longer than 255 bytes'
+        return None
+    low, high = INTEGER_PROPERTIES[name]
+    if not _is_integer(value) or not low <= value <= high:
+        return f'must be an integer from {low} to {high}, got {value!r}'
+    return None
+
+
+def _header_problem(name: str, value: Any) -> str | None:
+    """Return why ``value`` cannot be encoded in an AMQP table, or None."""
+    if len(name.encode('utf-8')) > SHORTSTR_MAX:
+        return 'header name is longer than 255 bytes'
+    return _value_problem(value)
+
+
+def _value_problem(value: Any) -> str | None:
+    if _is_integer(value) and not INT64_MIN <= value <= INT64_MAX:
+        return f'integer {value} does not fit in 64 bits'
+    if isinstance(value, dict):
+        for name, item in value.items():
+            problem = _header_problem(name, item)
+            if problem:
+                return f'in {name!r}: {problem}'
+    if isinstance(value, list):
+        for item in value:
+            problem = _value_problem(item)
+            if problem:
+                return problem
+    return None
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,486 @@
+"""Publish messages to RabbitMQ with pipelined publisher confirms.
+
+pika's BlockingConnection waits for each confirmation before the next
+publish returns, which limits a relay to one message per round trip. This
+publisher drives a SelectConnection's I/O loop itself instead: it keeps up
+to ``max_unconfirmed`` messages in flight and records each outcome as the
+broker's acks, nacks and returns arrive. Callers still see blocking calls.
+
+Outcomes are reported as *failures*: a list of ``(token, reason)`` pairs for
+messages the broker refused. Messages whose fate became unknown because the
+channel or connection closed are *in doubt*; they are published again, one
+at a time, so that a message that makes the broker close the channel is
+found and failed without failing the messages around it.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import pika
+import pika.channel
+import pika.exceptions
+import pika.frame
+import pika.spec
+from pika.adapters.select_connection import IOLoop
+
+from mikkoo import tls
+from mikkoo.config import RabbitMQSettings
+from mikkoo.mapping import Message
+
+LOGGER = logging.getLogger(__name__)
+
+# Seconds to wait for the broker to answer a connection or channel request.
+RPC_TIMEOUT = 30.0
+# Publishes between two I/O loop turns when confirmations are off.
+UNCONFIRMED_FLUSH_EVERY = 256
+# AMQP reply codes of a connection the broker closed for a reason of its
+# own (shutdown, management action), not because of something we sent.
+CONNECTION_FORCED = 320
+
+
+class BrokerUnavailable(Exception):
+    """Raised when the broker connection is closed or cannot be opened."""
+
+
+class ExchangeNotFound(Exception):
+    """Raised when a message names an exchange that does not exist."""
+
+
+class _Delivery(NamedTuple):
+    token: Any
+    message: Message
+
+
+def connection_parameters(settings: RabbitMQSettings, name: str) -> pika.ConnectionParameters:
+    """Return pika connection parameters for ``settings``.
+
+    Raises tls.TLSConfigError when ``ssl_options`` cannot be used.
+    """
+    ssl_options = None
+    if settings.ssl_options is not None:
+        context = tls.client_context(settings.ssl_options)
+        ssl_options = pika.SSLOptions(context, settings.host)
+    return pika.ConnectionParameters(
+        host=settings.host, port=settings.port, virtual_host=settings.vhost,
+        credentials=pika.PlainCredentials(settings.username, settings.password),
+        heartbeat=settings.heartbeat_interval, ssl_options=ssl_options,
+        connection_attempts=1, socket_timeout=10, stack_timeout=RPC_TIMEOUT,
+        client_properties={'connection_name': name})
+
+
+class Publisher:
+    """A blocking publisher over one AMQP connection and channel.
+
+    ``wakeup_fd`` is a file descriptor that becomes readable when a signal
+    arrives (see :func:`signal.set_wakeup_fd`); waiting calls return early
+    when ``should_stop`` then returns true.
+    """
+
+    def __init__(self, settings: RabbitMQSettings, *, confirm: bool = True,
+                 max_unconfirmed: int = 5000, name: str = 'mikkoo',
+                 wakeup_fd: int | None = None,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
+        self.settings = settings
+        self.confirm = confirm
+        self.max_unconfirmed = max_unconfirmed
+        self.name = name
+        self.should_stop = should_stop
+        self.failures: list[tuple[Any, str]] = []
+        self.delivered = 0
+
+        # The loop is driven here with poll(), never start(), which would
+        # activate the poller itself.
+        self._ioloop = IOLoop()
+        self._ioloop.activate_poller()
+        self._wakeup_fd = wakeup_fd
+        if wakeup_fd is not None:
+            self._ioloop.add_handler(wakeup_fd, self._drain_wakeup_fd, IOLoop.READ)
+        self._connection: pika.SelectConnection | None = None
+        self._connection_error: BaseException | None = None
+        self._channel: pika.channel.Channel | None = None
+        self._channel_opening = False
+        self._probe: pika.channel.Channel | None = None
+        self._probe_result: str | None = None
+        self._known_exchanges: set[str] = set()
+        self._missing_exchanges: dict[str, float] = {}
+        self._next_tag = 1
+        self._outstanding: dict[int, _Delivery] = {}
+        self._tags_by_correlation: dict[Any, list[int]] = {}
+        self._in_doubt: collections.deque[_Delivery] = collections.deque()
+        self._isolating = False
+        self._since_flush = 0
+        self._blocked = False
+
+    # -- connection ----------------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        return (self._connection is not None and self._connection_error is None
+                and self._connection.is_open)
+
+    def connect(self) -> None:
+        """Open the connection and a channel in confirm mode.
+
+        Blocks until both are ready. Raises BrokerUnavailable, or
+        tls.TLSConfigError when the TLS settings cannot be used.
+        """
+        self.close()
+        self._connection_error = None
+        parameters = connection_parameters(self.settings, self.name)
+        self._connection = pika.SelectConnection(
+            parameters, on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_error,
+            on_close_callback=self._on_connection_closed,
+            custom_ioloop=self._ioloop)
+        self._run_until(lambda: self._channel is not None and self._channel.is_open
+                        and not self._channel_opening, RPC_TIMEOUT)
+        self._known_exchanges.clear()
+
+    def close(self) -> None:
+        """Close the connection; deliveries still in flight become in doubt."""
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if connection.is_open:
+            try:
+                connection.close()
+                self._poll_until(lambda: connection.is_closed, 5.0)
+            except pika.exceptions.AMQPError:
+                LOGGER.debug('ignoring an error while closing the connection',
+                             exc_info=True)
+        self._mark_in_doubt()
+        self._channel = self._probe = None
+
+    def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._open_channel()
+
+    def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
+        self._connection_error = error
+
+    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+        self._connection_error = reason
+        if self._isolating and _is_caused_by_message(reason):
+            self._fail_outstanding(f'the broker closed the connection: {reason}')
+        self._mark_in_doubt()
+        self._channel = self._probe = None
+
+    def _on_blocked(self, _connection: Any, frame: pika.frame.Method) -> None:
+        self._blocked = True
+        LOGGER.warning('%s: RabbitMQ blocked publishing (%s); waiting until it '
+                       'unblocks', self.name, frame.method.reason)
+
+    def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
+        self._blocked = False
+        LOGGER.info('%s: RabbitMQ unblocked publishing', self.name)
+
+    # -- channel -------------------------------------------------------------
+
+    def _open_channel(self) -> None:
+        assert self._connection is not None
+        self._channel_opening = True
+        self._channel = self._connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        # Delivery tags count from 1 on every new channel.
+        self._next_tag = 1
+        channel.add_on_close_callback(self._on_channel_closed)
+        if not self.confirm:
+            self._channel_opening = False
+            return
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirmation,
+                                 callback=self._on_confirm_selected)
+
+    def _on_confirm_selected(self, _frame: Any) -> None:
+        self._channel_opening = False
+
+    def _on_channel_closed(self, channel: pika.channel.Channel,
+                           reason: BaseException) -> None:
+        if channel is not self._channel:
+            return
+        self._channel = None
+        if not isinstance(reason, pika.exceptions.ChannelClosedByClient):
+            LOGGER.warning('%s: RabbitMQ closed the channel: %s', self.name, reason)
+        self._known_exchanges.clear()
+        if self._isolating:
+            self._fail_outstanding(f'the broker closed the channel: {reason}')
+        self._mark_in_doubt()
+
+    def _ensure_channel(self) -> None:
+        if not self.is_connected:
+            raise BrokerUnavailable(self._describe_error())
+        if self._channel is None:
+            self._open_channel()
+        self._run_until(lambda: self._channel is not None and not self._channel_opening,
+                        RPC_TIMEOUT)
+
+    # -- exchanges -----------------------------------------------------------
+
+    def check_exchange(self, exchange: str) -> None:
+        """Raise ExchangeNotFound unless ``exchange`` exists.
+
+        Asks the broker once per exchange and connection (a passive declare
+        on a separate channel), so that a missing exchange never closes the
+        publishing channel with messages in flight. A missing exchange is
+        asked about again after one second.
+        """
+        if exchange == '' or exchange in self._known_exchanges:
+            return
+        missing_since = self._missing_exchanges.get(exchange)
+        if missing_since is not None and time.monotonic() - missing_since < 1.0:
+            raise ExchangeNotFound(f'exchange {exchange!r} not found')
+        if self._probe is None or not self._probe.is_open:
+            self._probe = None
+            assert self._connection is not None
+            self._connection.channel(on_open_callback=self._on_probe_open)
+            self._run_until(lambda: self._probe is not None, RPC_TIMEOUT)
+        self._probe_result = None
+        assert self._probe is not None
+        self._probe.exchange_declare(exchange, passive=True,
+                                     callback=self._on_probe_ok)
+        self._run_until(lambda: self._probe_result is not None, RPC_TIMEOUT)
+        if self._probe_result == 'ok':
+            self._known_exchanges.add(exchange)
+            self._missing_exchanges.pop(exchange, None)
+            return
+        self._missing_exchanges[exchange] = time.monotonic()
+        raise ExchangeNotFound(f'exchange {exchange!r} not found ({self._probe_result})')
+
+    def _on_probe_open(self, channel: pika.channel.Channel) -> None:
+        channel.add_on_close_callback(self._on_probe_closed)
+        self._probe = channel
+
+    def _on_probe_ok(self, _frame: Any) -> None:
+        self._probe_result = 'ok'
+
+    def _on_probe_closed(self, _channel: Any, reason: BaseException) -> None:
+        self._probe = None
+        self._probe_result = f'closed: {reason}'
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(self, message: Message, token: Any) -> None:
+        """Send ``message``; its outcome is reported later under ``token``.
+
+        Blocks while ``max_unconfirmed`` messages are in flight. Raises
+        BrokerUnavailable when the connection is lost; the messages in flight
+        then stay in doubt and are sent again after :meth:`connect`.
+        """
+        self._wait_for_window()
+        self._send(_Delivery(token, message))
+
+    def _wait_for_window(self) -> None:
+        # Waiting for room lets half the window drain, so that the loop
+        # turns once per many confirmations instead of once per message.
+        low_water = self.max_unconfirmed // 2
+        while True:
+            self._ensure_channel()
+            if self._in_doubt:
+                self._publish_in_doubt()
+                continue
+            if len(self._outstanding) < self.max_unconfirmed:
+                return
+            self._run_until(lambda: len(self._outstanding) <= low_water
+                            or self._channel is None)
+
+    def wait_for_confirms(self) -> None:
+        """Block until every message sent so far is settled.
+
+        Raises BrokerUnavailable when the connection is lost first.
+        """
+        while True:
+            self._ensure_channel()
+            if self._in_doubt:
+                self._publish_in_doubt()
+            if self.confirm:
+                self._run_until(lambda: not self._outstanding or self._channel is None)
+            else:
+                self._sync_channel()
+            if not self._outstanding and not self._in_doubt:
+                return
+
+    def take_failures(self) -> list[tuple[Any, str]]:
+        """Return the failures recorded so far and forget them."""
+        failures, self.failures = self.failures, []
+        return failures
+
+    def forget_pending(self) -> None:
+        """Drop every delivery in flight or in doubt, as when a batch is abandoned."""
+        self._outstanding.clear()
+        self._tags_by_correlation.clear()
+        self._in_doubt.clear()
+        self.failures = []
+
+    def _send(self, delivery: _Delivery) -> None:
+        assert self._channel is not None
+        message = delivery.message
+        properties = pika.BasicProperties(**message.properties)
+        self._channel.basic_publish(message.exchange, message.routing_key,
+                                    message.body, properties,
+                                    mandatory=self.confirm)
+        if not self.confirm:
+            self.delivered += 1
+            self._since_flush += 1
+            if self._since_flush >= UNCONFIRMED_FLUSH_EVERY:
+                self._since_flush = 0
+                self._poll_once(0)
+            return
+        tag = self._next_tag
+        self._next_tag += 1
+        self._outstanding[tag] = delivery
+        correlation_id = message.properties.get('correlation_id')
+        self._tags_by_correlation.setdefault(correlation_id, []).append(tag)
+
+    def _publish_in_doubt(self) -> None:
+        """Send each in-doubt message alone and wait for its outcome."""
+        LOGGER.info('%s: publishing %d messages in doubt again, one at a time',
+                    self.name, len(self._in_doubt))
+        self._run_until(lambda: not self._outstanding or self._channel is None)
+        self._isolating = True
+        try:
+            while self._in_doubt:
+                self._ensure_channel()
+                self._send(self._in_doubt.popleft())
+                if self.confirm:
+                    self._run_until(lambda: not self._outstanding)
+                else:
+                    self._sync_channel()
+        finally:
+            self._isolating = False
+
+    def _sync_channel(self) -> None:
+        """Wait until the broker has processed everything sent on the channel.
+
+        Used without confirmations: a Basic.Qos round trip on the same
+        channel proves every earlier frame was received.
+        """
+        done: list[bool] = []
+        assert self._channel is not None
+        self._channel.basic_qos(prefetch_count=0, callback=lambda _frame: done.append(True))
+        self._run_until(lambda: bool(done) or self._channel is None, RPC_TIMEOUT)
+
+    # -- confirmations -------------------------------------------------------
+
+    def _on_confirmation(self, frame: pika.frame.Method) -> None:
+        method = frame.method
+        failed = isinstance(method, pika.spec.Basic.Nack)
+        if method.multiple:
+            tags = [tag for tag in self._outstanding if tag <= method.delivery_tag]
+        else:
+            tags = [method.delivery_tag]
+        for tag in tags:
+            delivery = self._settle(tag)
+            if delivery is None:
+                continue
+            if failed:
+                self.failures.append((delivery.token, 'the broker rejected it (nack)'))
+            else:
+                self.delivered += 1
+
+    def _on_return(self, _channel: Any, method: pika.spec.Basic.Return,
+                   properties: pika.BasicProperties, _body: bytes) -> None:
+        # A return arrives before the ack of the same message, so the tag is
+        # still outstanding; returns come in publish order, hence the FIFO.
+        tags = self._tags_by_correlation.get(properties.correlation_id)
+        if not tags:
+            LOGGER.warning('%s: cannot match a returned message (exchange %r, '
+                           'routing key %r)', self.name, method.exchange,
+                           method.routing_key)
+            return
+        delivery = self._settle(tags[0])
+        if delivery is not None:
+            self.failures.append((delivery.token,
+                                  f'unroutable: {method.reply_code} {method.reply_text}'))
+
+    def _settle(self, tag: int) -> _Delivery | None:
+        delivery = self._outstanding.pop(tag, None)
+        if delivery is None:
+            return None
+        correlation_id = delivery.message.properties.get('correlation_id')
+        tags = self._tags_by_correlation[correlation_id]
+        tags.remove(tag)
+        if not tags:
+            del self._tags_by_correlation[correlation_id]
+        return delivery
+
+    def _fail_outstanding(self, reason: str) -> None:
+        for tag in list(self._outstanding):
+            delivery = self._settle(tag)
+            if delivery is not None:
+                self.failures.append((delivery.token, reason))
+
+    def _mark_in_doubt(self) -> None:
+        if not self._outstanding:
+            return
+        doubt = [self._outstanding[tag] for tag in sorted(self._outstanding)]
+        self._outstanding.clear()
+        self._tags_by_correlation.clear()
+        self._in_doubt.extendleft(reversed(doubt))
+
+    # -- I/O loop ------------------------------------------------------------
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` while servicing heartbeats; return early on a signal."""
+        deadline = time.monotonic() + seconds
+        while not self.should_stop():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._poll_once(remaining)
+
+    def _run_until(self, condition: Callable[[], bool],
+                   timeout: float | None = None) -> None:
+        """Turn the I/O loop until ``condition`` holds.
+
+        Raises BrokerUnavailable when the connection closes or ``timeout``
+        seconds pass first.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not condition():
+            if self._connection is None or self._connection_error is not None:
+                raise BrokerUnavailable(self._describe_error())
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise BrokerUnavailable(f'no answer from RabbitMQ within {timeout:g} s')
+            self._poll_once(remaining)
+
+    def _poll_until(self, condition: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            self._poll_once(deadline - time.monotonic())
+
+    def _poll_once(self, timeout: float | None) -> None:
+        """Run one I/O loop turn, waiting at most ``timeout`` seconds."""
+        if timeout is not None:
+            timer = self._ioloop.call_later(max(timeout, 0), lambda: None)
+        self._ioloop.poll()
+        self._ioloop.process_timeouts()
+        if timeout is not None:
+            self._ioloop.remove_timeout(timer)
+
+    @staticmethod
+    def _drain_wakeup_fd(fd: int, _events: int) -> None:
+        # The descriptor is non-blocking, as signal.set_wakeup_fd requires.
+        try:
+            while os.read(fd, 512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _describe_error(self) -> str:
+        error = self._connection_error
+        if error is None:
+            return 'not connected to RabbitMQ'
+        return f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
+
+
+def _is_caused_by_message(reason: BaseException) -> bool:
+    return (isinstance(reason, pika.exceptions.ConnectionClosedByBroker)
+            and reason.reply_code != CONNECTION_FORCED)
