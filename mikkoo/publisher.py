@@ -372,7 +372,13 @@ class Publisher:
         method = frame.method
         failed = isinstance(method, pika.spec.Basic.Nack)
         if method.multiple:
-            tags = [tag for tag in self._outstanding if tag <= method.delivery_tag]
+            # Tags enter the dict in increasing order, so the settled ones
+            # are a prefix of it.
+            tags = []
+            for tag in self._outstanding:
+                if tag > method.delivery_tag:
+                    break
+                tags.append(tag)
         else:
             tags = [method.delivery_tag]
         for tag in tags:
