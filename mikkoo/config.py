@@ -56,6 +56,8 @@ class QueueSettings:
     retry_delay: float = 10.0
     unregister: bool = True
     wait_duration: float = 10.0
+    dead_letter_exchange: str | None = None
+    ticker_warning: float = 300.0
     max_unconfirmed: int = 5000
     fetch_size: int = 5000
 
@@ -218,6 +220,12 @@ QUEUE_OPTIONS = (
            'Unregister the PgQ consumer on shutdown.'),
     Option('wait_duration', _positive_seconds, 10.0,
            'Seconds to wait after an empty batch.'),
+    Option('dead_letter_exchange', _optional_text, None,
+           'Exchange that receives events discarded after max_failures; '
+           'unset, they are only logged.'),
+    Option('ticker_warning', _positive_seconds, 300.0,
+           'Seconds without a new tick on the queue before a warning that '
+           'the ticker (pgqd) may be down.'),
     Option('max_unconfirmed', _positive_count, 5000,
            'Messages published but not yet confirmed, at most.'),
     Option('fetch_size', _positive_count, 5000,

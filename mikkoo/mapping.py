@@ -200,6 +200,10 @@ class EventMapper:
         headers.setdefault('sequence', self.sequence.next())
         headers.setdefault('timestamp', event.time)
         headers.setdefault('txid', event.txid)
+        # The queue and event id identify a redelivered event, so that a
+        # consumer can drop the duplicates at-least-once delivery makes.
+        headers.setdefault('pgq_queue', self.queue)
+        headers.setdefault('pgq_event_id', event.id)
 
     def _warn(self, event: Event, field: str, problem: str) -> None:
         LOGGER.warning('queue %s event %s: %s left out: %s',

@@ -52,7 +52,8 @@ class PgQNotInstalled(Exception):
 
 class ConsumerInfo(NamedTuple):
     pending_events: int
-    lag_seconds: float
+    lag_seconds: float          # age of the last tick the consumer has seen
+    ticker_lag_seconds: float   # age of the queue's newest tick
 
 
 class BatchSource:
@@ -170,13 +171,16 @@ class BatchSource:
     def consumer_info(self) -> ConsumerInfo:
         """Return how many events wait for the consumer and how old its last tick is."""
         cursor = self._cursor()
-        cursor.execute('SELECT pending_events, extract(epoch FROM lag) '
-                       'FROM pgq.get_consumer_info(%s, %s)', (self.queue, self.consumer))
+        cursor.execute('SELECT c.pending_events, extract(epoch FROM c.lag), '
+                       '       extract(epoch FROM q.ticker_lag) '
+                       '  FROM pgq.get_consumer_info(%s, %s) AS c, '
+                       '       pgq.get_queue_info(%s) AS q',
+                       (self.queue, self.consumer, self.queue))
         row = cursor.fetchone()
         self._commit()
         if row is None:
-            return ConsumerInfo(0, 0.0)
-        return ConsumerInfo(int(row[0] or 0), float(row[1] or 0.0))
+            return ConsumerInfo(0, 0.0, 0.0)
+        return ConsumerInfo(int(row[0] or 0), float(row[1] or 0.0), float(row[2] or 0.0))
 
     def _cursor(self) -> psycopg2.extensions.cursor:
         if self._connection is None or self._connection.closed:

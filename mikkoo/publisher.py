@@ -30,7 +30,7 @@ from pika.adapters.select_connection import IOLoop
 
 from mikkoo import tls
 from mikkoo.config import RabbitMQSettings
-from mikkoo.mapping import Message
+from mikkoo.mapping import InvalidMessage, Message
 
 LOGGER = logging.getLogger(__name__)
 
@@ -263,6 +263,22 @@ class Publisher:
     def _on_probe_closed(self, _channel: Any, reason: BaseException) -> None:
         self._probe = None
         self._probe_result = f'closed: {reason}'
+
+    def check_frame_size(self, message: Message) -> None:
+        """Raise InvalidMessage when the message's properties exceed one frame.
+
+        AMQP sends properties and headers in a single frame of at most the
+        negotiated frame_max bytes; RabbitMQ closes the whole connection when
+        a frame is larger, so such a message must never be sent.
+        """
+        if self._connection is None:
+            return
+        frame_max = self._connection.params.frame_max
+        properties = pika.BasicProperties(**message.properties)
+        size = len(pika.frame.Header(1, len(message.body), properties).marshal())
+        if size > frame_max:
+            raise InvalidMessage(f'properties and headers take {size} bytes, more than '
+                                 f'the frame_max of {frame_max} bytes RabbitMQ allows')
 
     # -- publishing ----------------------------------------------------------
 

@@ -7,6 +7,7 @@ retries, so a crash at any point replays the batch instead of losing it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,7 @@ import psycopg2
 from mikkoo import __version__, sentry
 from mikkoo.backoff import Backoff
 from mikkoo.config import QueueSettings, Settings
-from mikkoo.mapping import Event, EventMapper, InvalidMessage
+from mikkoo.mapping import Event, EventMapper, InvalidMessage, Message
 from mikkoo.pgq import BatchSource, PgQNotInstalled
 from mikkoo.publisher import BrokerUnavailable, ExchangeNotFound, Publisher
 from mikkoo.stats import Counters, StatsdClient
@@ -38,6 +39,49 @@ EXIT_FAILURE = 1        # an unexpected error; the controller restarts it
 ENCODING_ERRORS = (ValueError, TypeError, OverflowError, struct.error, UnicodeError)
 # Warnings naming single failed events, at most, per batch; the rest is counted.
 FAILURE_WARNINGS_PER_BATCH = 10
+
+
+# Events whose ev_extra3 and ev_extra4 together are longer than this many
+# characters get their encoded properties measured against frame_max
+# (4,096 bytes at the least), which would cost every event too much.
+FRAME_CHECK_THRESHOLD = 2048
+
+
+@dataclasses.dataclass
+class BatchResult:
+    """What became of the events of one batch."""
+
+    delivered: int = 0
+    failed: int = 0
+    retried: int = 0
+    discarded: int = 0
+    exhausted: list[tuple[Event, str]] = dataclasses.field(default_factory=list)
+
+
+def dead_letter(event: Event, reason: str, exchange: str, queue: str) -> Message:
+    """Return the message that reports ``event`` as undeliverable to ``exchange``.
+
+    The body is the event's data; the headers say where it was meant to go
+    and why it failed, so that the event can be inspected and replayed.
+    """
+    headers = {
+        'x-mikkoo-queue': queue,
+        'x-mikkoo-event-id': event.id,
+        'x-mikkoo-exchange': event.extra1 or '',
+        'x-mikkoo-routing-key': event.type or '',
+        'x-mikkoo-failures': (event.retry or 0) + 1,
+        'x-mikkoo-reason': reason[:1000],
+        'x-mikkoo-event-time': event.time,
+    }
+    properties: dict[str, Any] = {'app_id': 'mikkoo', 'headers': headers,
+                                  'delivery_mode': 2, 'timestamp': event.epoch}
+    if event.extra2 and len(event.extra2.encode('utf-8')) <= 255:
+        properties['content_type'] = event.extra2
+    routing_key = event.type or ''
+    if len(routing_key.encode('utf-8')) > 255:
+        routing_key = ''
+    body = event.data.encode('utf-8') if event.data is not None else b''
+    return Message(exchange, routing_key, body, properties)
 
 
 class StopRequested(Exception):
@@ -134,34 +178,38 @@ class Worker:
             return
         started = time.monotonic()
         try:
-            delivered, failed, discarded = self._relay(batch_id)
+            result = self._relay(batch_id)
         except StopRequested:
             self._abandon(batch_id)
             return
         self.source.finish(batch_id)
-        self._count_batch(batch_id, delivered, failed, discarded, time.monotonic() - started)
+        self._count_batch(batch_id, result, time.monotonic() - started)
         self._update_consumer_info()
 
-    def _relay(self, batch_id: int) -> tuple[int, int, int]:
-        """Publish and settle every event of the batch; return the counts.
+    def _relay(self, batch_id: int) -> BatchResult:
+        """Publish and settle every event of the batch.
 
         Raises StopRequested when the batch must be left unfinished.
         """
+        result = BatchResult()
         self.publisher.delivered = 0
-        failed = discarded = 0
         for chunk in self.source.events(batch_id):
             for event in chunk:
                 self._check_stop()
                 self._publish(event)
-            retried, dropped = self._settle(batch_id)
-            failed, discarded = failed + retried + dropped, discarded + dropped
+            # Settling per chunk keeps only the failures of one chunk in memory.
+            self._settle(batch_id, result)
         self._with_broker(self.publisher.wait_for_confirms)
-        retried, dropped = self._settle(batch_id)
-        return (self.publisher.delivered, failed + retried + dropped, discarded + dropped)
+        self._settle(batch_id, result)
+        result.delivered = self.publisher.delivered
+        self._dispose(batch_id, result)
+        return result
 
     def _publish(self, event: Event) -> None:
         try:
             message = self.mapper.map(event)
+            if len(event.extra3 or '') + len(event.extra4 or '') > FRAME_CHECK_THRESHOLD:
+                self._with_broker(lambda: self.publisher.check_frame_size(message))
             self._with_broker(lambda: self.publisher.check_exchange(message.exchange))
             self._with_broker(lambda: self.publisher.publish(message, event))
         except (InvalidMessage, ExchangeNotFound) as error:
@@ -192,26 +240,67 @@ class Worker:
         if self.should_stop() and not self.settings.unregister:
             raise StopRequested
 
-    def _settle(self, batch_id: int) -> tuple[int, int]:
-        """Retry or discard the failed events; return how many of each."""
+    def _settle(self, batch_id: int, result: BatchResult) -> None:
+        """Retry the failed events, setting aside those out of retries."""
         failures = self._failures + self.publisher.take_failures()
         self._failures = []
         retries: list[tuple[Event, int | None]] = []
-        discarded = 0
         for event, reason in failures:
             attempts = event.retry or 0
             if attempts >= self.settings.max_failures:
-                self._discard(event, reason, attempts)
-                discarded += 1
+                result.exhausted.append((event, reason))
             else:
                 retries.append((event, attempts + 1))
         self.source.retry(retries, self.settings.retry_delay)
+        result.failed += len(failures)
+        result.retried += len(retries)
         self._warn_retries(batch_id, failures, retries)
-        return len(retries), discarded
 
-    def _discard(self, event: Event, reason: str, attempts: int) -> None:
-        LOGGER.warning('queue %s: discarding event %s after %d retries (exchange %r, '
-                       'routing key %r): %s', self.queue, event.id, attempts,
+    def _dispose(self, batch_id: int, result: BatchResult) -> None:
+        """Dead-letter or discard the events that ran out of retries."""
+        if not result.exhausted:
+            return
+        exchange = self.settings.dead_letter_exchange
+        if exchange is None:
+            for event, reason in result.exhausted:
+                self._log_disposal(event, reason, 'discarding')
+            result.discarded = len(result.exhausted)
+            return
+
+        delivered_before = self.publisher.delivered
+        for event, reason in result.exhausted:
+            self._publish_dead_letter(event, reason, exchange)
+        self._with_broker(self.publisher.wait_for_confirms)
+        undelivered = self._failures + self.publisher.take_failures()
+        self._failures = []
+        result.discarded = self.publisher.delivered - delivered_before
+
+        # An event whose dead letter was refused is retried with its count
+        # unchanged, so that the next attempt dead-letters it again.
+        lost = {event.id for event, _reason in undelivered}
+        for event, reason in result.exhausted:
+            if event.id not in lost:
+                self._log_disposal(event, reason, f'dead-lettered to {exchange!r}')
+        for event, reason in undelivered:
+            LOGGER.warning('queue %s batch %s: cannot dead-letter event %s to %r: %s; '
+                           'retrying it in %g s', self.queue, batch_id, event.id, exchange,
+                           reason, self.settings.retry_delay)
+        self.source.retry([(event, event.retry) for event, _reason in undelivered],
+                          self.settings.retry_delay)
+
+    def _publish_dead_letter(self, event: Event, reason: str, exchange: str) -> None:
+        message = dead_letter(event, reason, exchange, self.queue)
+        try:
+            self._with_broker(lambda: self.publisher.check_exchange(exchange))
+            self._with_broker(lambda: self.publisher.publish(message, event))
+        except (InvalidMessage, ExchangeNotFound) as error:
+            self._failures.append((event, str(error)))
+        except ENCODING_ERRORS as error:
+            self._failures.append((event, f'cannot encode the dead letter: {error}'))
+
+    def _log_disposal(self, event: Event, reason: str, action: str) -> None:
+        LOGGER.warning('queue %s: %s event %s after %d retries (exchange %r, routing key '
+                       '%r): %s', self.queue, action, event.id, event.retry or 0,
                        event.extra1 or '', event.type or '', reason)
 
     def _warn_retries(self, batch_id: int, failures: list[tuple[Event, str]],
@@ -236,19 +325,16 @@ class Worker:
 
     # -- statistics ----------------------------------------------------------
 
-    def _count_batch(self, batch_id: int, delivered: int, failed: int, discarded: int,
-                     seconds: float) -> None:
-        self.counters.add('processed', delivered)
-        self.counters.add('failed', failed)
-        self.counters.add('discarded', discarded)
-        self.counters.add('batches')
-        LOGGER.debug('queue %s batch %s: %d published, %d failed, %d discarded in %.3f s',
-                     self.queue, batch_id, delivered, failed, discarded, seconds)
-        if self.statsd is not None:
-            self.statsd.incr(f'{self.queue}.processed', delivered)
-            self.statsd.incr(f'{self.queue}.failed', failed)
-            self.statsd.incr(f'{self.queue}.discarded', discarded)
-            self.statsd.incr(f'{self.queue}.batches')
+    def _count_batch(self, batch_id: int, result: BatchResult, seconds: float) -> None:
+        counts = {'processed': result.delivered, 'failed': result.failed,
+                  'discarded': result.discarded, 'batches': 1}
+        for name, amount in counts.items():
+            self.counters.add(name, amount)
+            if self.statsd is not None:
+                self.statsd.incr(f'{self.queue}.{name}', amount)
+        LOGGER.debug('queue %s batch %s: %d published, %d failed, %d retried, '
+                     '%d out of retries in %.3f s', self.queue, batch_id, result.delivered,
+                     result.failed, result.retried, len(result.exhausted), seconds)
 
     def _update_consumer_info(self) -> None:
         now = time.monotonic()
@@ -258,6 +344,10 @@ class Worker:
         info = self.source.consumer_info()
         self.counters.set('pending', info.pending_events)
         self.counters.set('lag_ms', int(info.lag_seconds * 1000))
+        if info.ticker_lag_seconds > self.settings.ticker_warning:
+            LOGGER.warning('queue %s: no new tick for %.0f s; events wait until the '
+                           'ticker runs: is pgqd running for this database?',
+                           self.queue, info.ticker_lag_seconds)
         if self.statsd is not None:
             self.statsd.gauge(f'{self.queue}.pending', info.pending_events)
             self.statsd.gauge(f'{self.queue}.lag', info.lag_seconds)
