@@ -61,7 +61,7 @@ class ProcessOps:
 
     def reap(self) -> list[tuple[int, int]]:
         """Return (pid, wait status) of every child that has exited."""
-        exited = []
+        exited: list[tuple[int, int]] = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import psycopg2
 import psycopg2.extensions
@@ -86,11 +86,11 @@ class BatchSource:
                     f'the pgq extension is not installed in database {database!r}; '
                     'run CREATE EXTENSION pgq there as a superuser')
             cursor.execute('SELECT pgq.create_queue(%s)', (self.queue,))
-            if cursor.fetchone()[0] == 1:
+            if _scalar(cursor) == 1:
                 LOGGER.info('created PgQ queue %s', self.queue)
             cursor.execute('SELECT pgq.register_consumer(%s, %s)',
                            (self.queue, self.consumer))
-            if cursor.fetchone()[0] == 1:
+            if _scalar(cursor) == 1:
                 LOGGER.info('registered PgQ consumer %s on queue %s',
                             self.consumer, self.queue)
         self._connection.commit()
@@ -104,7 +104,7 @@ class BatchSource:
         """Return the id of the next batch, or None when no tick has made one."""
         cursor = self._cursor()
         cursor.execute('SELECT pgq.next_batch(%s, %s)', (self.queue, self.consumer))
-        batch_id = cursor.fetchone()[0]
+        batch_id = _scalar(cursor)
         self._commit()
         return batch_id
 
@@ -116,7 +116,7 @@ class BatchSource:
         """
         cursor = self._cursor()
         cursor.execute('SELECT pgq.batch_event_sql(%s)', (batch_id,))
-        batch_sql = cursor.fetchone()[0]
+        batch_sql = _scalar(cursor)
         cursor.execute(f'DECLARE {CURSOR_NAME} NO SCROLL CURSOR FOR '
                        f'SELECT {EVENT_COLUMNS} FROM ({batch_sql}) AS batch ORDER BY ev_id')
         while True:
@@ -190,3 +190,10 @@ class BatchSource:
     def _commit(self) -> None:
         assert self._connection is not None
         self._connection.commit()
+
+
+def _scalar(cursor: psycopg2.extensions.cursor) -> Any:
+    """Return the single value of a one-row query."""
+    row = cursor.fetchone()
+    assert row is not None, 'a one-row query returned no row'
+    return row[0]

@@ -23,7 +23,7 @@ def init(dsn: str | None, release: str) -> None:
         _client = sentry_sdk
         return
     try:
-        import raven  # type: ignore[import-not-found]
+        import raven
     except ImportError:
         LOGGER.warning('sentry_dsn is set but neither sentry-sdk nor raven is '
                        'installed; run pip install sentry-sdk to report errors')
