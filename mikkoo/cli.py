@@ -53,14 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     LOGGER.info('mikkoo %s starting with configuration %s: %s', __version__,
                 settings.path, masked(settings))
     if arguments.foreground:
-        return run(settings)
+        return run(settings, foreground=True)
     return daemonise(settings)
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, foreground: bool = True) -> int:
     sentry.init(settings.sentry_dsn, __version__)
     try:
-        return Controller(settings).run()
+        controller = Controller(
+            settings, apply_logging=lambda new: configure_logging(new, foreground))
+        return controller.run()
     except Exception:
         LOGGER.exception('mikkoo controller failed')
         sentry.capture_exception()
@@ -97,7 +99,7 @@ class _DaemonTarget:
             user=daemon.user, group=daemon.group, pidfile=daemon.pidfile))
 
     def start(self) -> None:
-        self.status = run(self.settings)
+        self.status = run(self.settings, foreground=False)
         sys.exit(self.status)
 
 

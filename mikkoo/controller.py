@@ -7,6 +7,7 @@ can drive the state machine without real processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import logging
@@ -17,9 +18,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mikkoo import worker
+from mikkoo import config, worker
 from mikkoo.backoff import Backoff
-from mikkoo.config import Settings
+from mikkoo.config import ConfigError, Settings
 from mikkoo.stats import Counters
 
 LOGGER = logging.getLogger(__name__)
@@ -87,14 +88,19 @@ class Slot:
         self.backoff = Backoff(initial=1.0, maximum=60.0)
         self.counters = Counters()
         self.logged: dict[str, int] = self.counters.snapshot()
+        # What happens when a worker stopped by a reload exits.
+        self.restart_after_exit = False
+        self.remove_after_exit = False
 
 
 class Controller:
     """Supervise the workers of every configured queue."""
 
-    def __init__(self, settings: Settings, ops: ProcessOps | None = None) -> None:
+    def __init__(self, settings: Settings, ops: ProcessOps | None = None,
+                 apply_logging: Callable[[Settings], None] | None = None) -> None:
         self.settings = settings
         self.ops = ops or ProcessOps()
+        self.apply_logging = apply_logging
         self.slots = {queue: Slot(queue) for queue in settings.workers}
         self.stopping = False
         self.stop_deadline = 0.0
@@ -147,9 +153,8 @@ class Controller:
         for signum in signals:
             if signum in (signal.SIGTERM, signal.SIGINT):
                 self._on_stop_signal(signal.Signals(signum).name)
-            elif signum == signal.SIGHUP:
-                LOGGER.warning('SIGHUP received; configuration reload is not '
-                               'supported, restart mikkoo to apply changes')
+            elif signum == signal.SIGHUP and not self.stopping:
+                self.reload()
 
     def _on_stop_signal(self, name: str) -> None:
         if not self.stopping:
@@ -159,6 +164,63 @@ class Controller:
             return
         LOGGER.warning('%s received again; killing the workers now', name)
         self._kill_workers()
+
+    # -- reload --------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Read the configuration file again and apply it.
+
+        Workers whose queue settings changed are stopped like at shutdown
+        and started again with the new settings; removed queues are stopped,
+        added ones started. A file with errors is rejected as a whole and
+        the running configuration stays.
+        """
+        try:
+            new = config.load(self.settings.path)
+            if self.apply_logging is not None:
+                self.apply_logging(new)
+        except ConfigError as error:
+            for problem in error.problems:
+                LOGGER.error('configuration not reloaded: %s: %s', error.path, problem)
+            return
+        old, self.settings = self.settings, new
+        if new.daemon != old.daemon:
+            LOGGER.warning('Daemon settings change only when mikkoo restarts')
+        # Any change outside the workers (statsd, poll_interval, ...) reaches
+        # a worker only when it starts, so every worker restarts then.
+        global_change = dataclasses.replace(new, workers={}, daemon=old.daemon, logging=None) \
+            != dataclasses.replace(old, workers={}, logging=None)
+        for queue in sorted(set(old.workers) | set(new.workers)):
+            if queue not in new.workers:
+                self._retire(queue)
+            elif queue not in old.workers:
+                self.slots[queue] = Slot(queue)
+                LOGGER.info('queue %s added by the reload', queue)
+            elif global_change or new.workers[queue] != old.workers[queue]:
+                self._restart(self.slots[queue])
+        LOGGER.info('configuration reloaded from %s', new.path)
+
+    def _retire(self, queue: str) -> None:
+        slot = self.slots[queue]
+        LOGGER.info('queue %s removed by the reload; stopping its worker', queue)
+        if slot.state is SlotState.BACKOFF:
+            del self.slots[queue]
+            return
+        slot.remove_after_exit = True
+        self._stop_slot(slot)
+
+    def _restart(self, slot: Slot) -> None:
+        LOGGER.info('queue %s: settings changed; restarting its worker', slot.queue)
+        if slot.state is SlotState.BACKOFF:
+            slot.start_at = self.ops.monotonic()
+            return
+        slot.restart_after_exit = True
+        self._stop_slot(slot)
+
+    def _stop_slot(self, slot: Slot) -> None:
+        if slot.state is SlotState.RUNNING and slot.pid is not None:
+            self.ops.kill(slot.pid, signal.SIGTERM)
+            slot.state = SlotState.STOPPING
 
     # -- shutdown ------------------------------------------------------------
 
@@ -173,9 +235,8 @@ class Controller:
         self.stopping = True
         self.stop_deadline = self.ops.monotonic() + self.settings.shutdown_timeout
         for slot in self.slots.values():
-            if slot.state is SlotState.RUNNING and slot.pid is not None:
-                self.ops.kill(slot.pid, signal.SIGTERM)
-                slot.state = SlotState.STOPPING
+            if slot.state is SlotState.RUNNING:
+                self._stop_slot(slot)
             elif slot.state is SlotState.BACKOFF:
                 slot.state = SlotState.EXITED
 
@@ -214,7 +275,7 @@ class Controller:
         LOGGER.info('started worker for queue %s (pid %d)', slot.queue, slot.pid)
 
     def _reap(self) -> None:
-        by_pid = {slot.pid: slot for slot in self.slots.values() if slot.pid is not None}
+        by_pid = {slot.pid: slot for slot in list(self.slots.values()) if slot.pid is not None}
         for pid, status in self.ops.reap():
             slot = by_pid.get(pid)
             if slot is not None:
@@ -227,6 +288,7 @@ class Controller:
             slot.state = SlotState.EXITED
             level = logging.INFO if status == 0 else logging.ERROR
             LOGGER.log(level, 'worker for queue %s %s', slot.queue, description)
+            self._after_requested_exit(slot)
             return
         now = self.ops.monotonic()
         if now - slot.started_at >= STABLE_SECONDS:
@@ -236,6 +298,16 @@ class Controller:
         slot.start_at = now + delay
         LOGGER.error('worker for queue %s %s; restarting it in %.1f s (restart %d)',
                      slot.queue, description, delay, slot.backoff.attempts)
+
+    def _after_requested_exit(self, slot: Slot) -> None:
+        if self.stopping:
+            return
+        if slot.remove_after_exit:
+            del self.slots[slot.queue]
+        elif slot.restart_after_exit:
+            slot.restart_after_exit = False
+            slot.state = SlotState.BACKOFF
+            slot.start_at = self.ops.monotonic()
 
     # -- statistics ----------------------------------------------------------
 
