@@ -18,7 +18,6 @@ setup(
     packages=find_packages(exclude=['tests', 'tests.*']),
     python_requires='>=3.11',
     install_requires=[
-        'helper>=2.5,<3',
         'pika>=1.3,<2',
         'psycopg2-binary>=2.9,<3',
         'PyYAML>=6,<7',

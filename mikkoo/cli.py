@@ -6,12 +6,12 @@ import copy
 import logging
 import logging.config
 import sys
-import types
 from typing import Any
 
 from mikkoo import __version__, sentry
 from mikkoo.config import ConfigError, Settings, load, masked
 from mikkoo.controller import Controller
+from mikkoo.daemon import DaemonError, run_detached
 
 LOGGER = logging.getLogger('mikkoo')
 
@@ -70,37 +70,18 @@ def run(settings: Settings, foreground: bool = True) -> int:
 
 
 def daemonise(settings: Settings) -> int:
-    """Fork into the background with helper and run there.
+    """Fork into the background and run there; return the daemon's exit status.
 
-    The calling process returns EXIT_CANNOT_START when the daemon cannot be
-    set up; otherwise helper exits it once the daemon has forked.
+    The calling process exits with status 0 once the daemon is forked, or
+    returns EXIT_CANNOT_START when the daemon cannot be set up.
     """
-    from helper import unix
-
-    target = _DaemonTarget(settings)
+    daemon = settings.daemon
     try:
-        daemon = unix.Daemon(target)
-    except (OSError, ValueError) as error:
+        return run_detached(lambda: run(settings, foreground=False),
+                            daemon.pidfile, daemon.user, daemon.group)
+    except DaemonError as error:
         print(f'mikkoo: cannot start the daemon: {error}', file=sys.stderr)
         return EXIT_CANNOT_START
-    with daemon:
-        daemon.start()
-    return target.status
-
-
-class _DaemonTarget:
-    """The object helper's Daemon runs: it reads ``config.daemon`` and calls start()."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.status = EXIT_OK
-        daemon = settings.daemon
-        self.config = types.SimpleNamespace(daemon=types.SimpleNamespace(
-            user=daemon.user, group=daemon.group, pidfile=daemon.pidfile))
-
-    def start(self) -> None:
-        self.status = run(self.settings, foreground=False)
-        sys.exit(self.status)
 
 
 def configure_logging(settings: Settings, foreground: bool) -> None:
