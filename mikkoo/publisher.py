@@ -113,6 +113,10 @@ class Publisher:
         self._tags_by_correlation: dict[Any, list[int]] = {}
         self._in_doubt: collections.deque[_Delivery] = collections.deque()
         self._isolating = False
+        # True when the last channel or connection closure may have been
+        # caused by a message in flight (an error code other than a forced
+        # close); the in-doubt messages are then sent one at a time.
+        self._suspect = False
         self._since_flush = 0
         self._blocked = False
 
@@ -166,8 +170,10 @@ class Publisher:
 
     def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
         self._connection_error = reason
-        if self._isolating and _is_caused_by_message(reason):
-            self._fail_outstanding(f'the broker closed the connection: {reason}')
+        if _is_caused_by_message(reason):
+            if self._isolating:
+                self._fail_outstanding(f'the broker closed the connection: {reason}')
+            self._suspect = True
         self._mark_in_doubt()
         self._channel = self._probe = None
 
@@ -209,8 +215,10 @@ class Publisher:
         if not isinstance(reason, pika.exceptions.ChannelClosedByClient):
             LOGGER.warning('%s: RabbitMQ closed the channel: %s', self.name, reason)
         self._known_exchanges.clear()
-        if self._isolating:
-            self._fail_outstanding(f'the broker closed the channel: {reason}')
+        if _is_caused_by_message(reason):
+            if self._isolating:
+                self._fail_outstanding(f'the broker closed the channel: {reason}')
+            self._suspect = True
         self._mark_in_doubt()
 
     def _ensure_channel(self) -> None:
@@ -293,16 +301,21 @@ class Publisher:
         self._send(_Delivery(token, message))
 
     def _wait_for_window(self) -> None:
+        """Block until a message may be sent: the channel is open, the
+        in-doubt messages are sent again, and the window has room."""
         # Waiting for room lets half the window drain, so that the loop
         # turns once per many confirmations instead of once per message.
         low_water = self.max_unconfirmed // 2
         while True:
             self._ensure_channel()
-            if self._in_doubt:
-                self._publish_in_doubt()
+            if self._in_doubt and self._suspect:
+                self._isolate_in_doubt()
                 continue
             if len(self._outstanding) < self.max_unconfirmed:
-                return
+                if not self._in_doubt:
+                    return
+                self._send(self._in_doubt.popleft())
+                continue
             self._run_until(lambda: len(self._outstanding) <= low_water
                             or self._channel is None)
 
@@ -312,9 +325,7 @@ class Publisher:
         Raises BrokerUnavailable when the connection is lost first.
         """
         while True:
-            self._ensure_channel()
-            if self._in_doubt:
-                self._publish_in_doubt()
+            self._wait_for_window()
             if self.confirm:
                 self._run_until(lambda: not self._outstanding or self._channel is None)
             else:
@@ -354,8 +365,13 @@ class Publisher:
         correlation_id = message.properties.get('correlation_id')
         self._tags_by_correlation.setdefault(correlation_id, []).append(tag)
 
-    def _publish_in_doubt(self) -> None:
-        """Send each in-doubt message alone and wait for its outcome."""
+    def _isolate_in_doubt(self) -> None:
+        """Send each in-doubt message alone and wait for its outcome.
+
+        The broker closed the channel or connection with an error while
+        these messages were in flight; sending them one at a time finds the
+        message at fault, which fails, while the others are delivered.
+        """
         LOGGER.info('%s: publishing %d messages in doubt again, one at a time',
                     self.name, len(self._in_doubt))
         self._run_until(lambda: not self._outstanding or self._channel is None)
@@ -368,6 +384,7 @@ class Publisher:
                     self._run_until(lambda: not self._outstanding)
                 else:
                     self._sync_channel()
+            self._suspect = False
         finally:
             self._isolating = False
 
@@ -504,5 +521,11 @@ class Publisher:
 
 
 def _is_caused_by_message(reason: BaseException) -> bool:
-    return (isinstance(reason, pika.exceptions.ConnectionClosedByBroker)
+    """Return whether the broker closed the channel or connection over an error.
+
+    A forced close (an operator, a broker shutdown) or a lost socket says
+    nothing about the messages in flight.
+    """
+    return (isinstance(reason, (pika.exceptions.ConnectionClosedByBroker,
+                                pika.exceptions.ChannelClosedByBroker))
             and reason.reply_code != CONNECTION_FORCED)
