@@ -1,0 +1,366 @@
+"""Benchmark how fast mikkoo relays a PgQ backlog to RabbitMQ, against its limits.
+
+Run from the repository root, with PostgreSQL (PgQ installed) and RabbitMQ
+on 127.0.0.1::
+
+    python3 -m benchmarks.relay              # about 10 minutes with defaults
+    python3 -m benchmarks.relay --quick      # a smoke run of a few seconds
+
+Each repetition measures, in this order: a pika publisher with confirms
+on and off, a plain PgQ reader, then mikkoo with ``confirm: true`` and
+``confirm: false`` on a backlog of ``--events`` events. Then comes one
+backlog of ``--big-batch`` events (``confirm: true``) per repetition, and
+last an idle mikkoo. benchmarks/README.md explains each figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ''):
+    # Run as a file (python3 benchmarks/relay.py): make the package importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pika.exceptions  # noqa: E402
+import psycopg2  # noqa: E402
+
+from benchmarks import limits, report, services  # noqa: E402
+from benchmarks.mikkoo_run import (  # noqa: E402
+    DrainResult, MikkooProcess, RelayFailed, measure_idle, wait_for_drain, write_config)
+
+LOGGER = logging.getLogger('benchmarks.relay')
+
+EXIT_OK = 0
+EXIT_FAILURE = 1          # a service was unreachable or a measurement failed
+# argparse exits with status 2 on invalid arguments.
+
+CONSUMER = 'mikkoo'       # the PgQ consumer name mikkoo uses by default
+PGQ_CONSUMER = 'benchmark'
+QUICK = {'events': 2000, 'repeat': 1, 'big_batch': 0, 'idle_seconds': 2.0}
+
+LIMIT_CONFIRM = 'limit: pika publisher, confirm on'
+LIMIT_NO_CONFIRM = 'limit: pika publisher, confirm off'
+LIMIT_PGQ = 'limit: PgQ drain, no AMQP'
+PER_10K = 'CPU s/10k ev'
+
+
+class Interrupted(Exception):
+    """Raised by the SIGTERM handler so that cleanup code runs."""
+
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog='python3 -m benchmarks.relay',
+        description='Measure mikkoo against a plain pika publisher and a plain PgQ '
+                    'reader on the local PostgreSQL and RabbitMQ.')
+    parser.add_argument('--events', type=int, default=100_000, metavar='N',
+                        help='events per measured run (default: %(default)s)')
+    parser.add_argument('--repeat', type=int, default=3, metavar='R',
+                        help='repetitions of every figure (default: %(default)s)')
+    parser.add_argument('--big-batch', type=int, default=1_000_000, metavar='N',
+                        help='events in the one big batch mikkoo relays per '
+                             'repetition; 0 skips it (default: %(default)s)')
+    parser.add_argument('--window', type=int, default=5000, metavar='N',
+                        help='unsettled messages of the limit publisher, at most '
+                             '(default: %(default)s)')
+    parser.add_argument('--idle-seconds', type=float, default=10.0, metavar='S',
+                        help='length in seconds of each idle measurement '
+                             '(default: %(default)s)')
+    parser.add_argument('--quick', action='store_true',
+                        help='smoke run: 2000 events, 1 repetition, no big batch, '
+                             '2 s idle; overrides the options above')
+    parser.add_argument('--json', type=Path, metavar='FILE',
+                        help='also write every figure to FILE as JSON')
+    parser.add_argument('--log-dir', type=Path, metavar='DIR',
+                        help="keep mikkoo's configuration files and logs in DIR "
+                             '(default: a temporary directory, deleted at the end)')
+
+    arguments = parser.parse_args(argv)
+    if arguments.quick:
+        vars(arguments).update(QUICK)
+    _check_arguments(parser, arguments)
+    return arguments
+
+
+def _check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namespace) -> None:
+    if not 1 <= arguments.events <= services.MAX_EVENTS:
+        parser.error(f'--events must be from 1 to {services.MAX_EVENTS}, '
+                     f'got {arguments.events}')
+    if not 0 <= arguments.big_batch <= services.MAX_EVENTS:
+        parser.error(f'--big-batch must be from 0 to {services.MAX_EVENTS}, '
+                     f'got {arguments.big_batch}')
+    if arguments.repeat < 1:
+        parser.error(f'--repeat must be 1 or more, got {arguments.repeat}')
+    if arguments.window < 1:
+        parser.error(f'--window must be 1 or more, got {arguments.window}')
+    if not 0 < arguments.idle_seconds <= 600:
+        parser.error(f'--idle-seconds must be above 0 and at most 600, '
+                     f'got {arguments.idle_seconds}')
+
+
+class Benchmark:
+    """The services, figures and warnings of one benchmark run."""
+
+    def __init__(self, arguments: argparse.Namespace, workdir: Path) -> None:
+        self.arguments = arguments
+        suffix = services.unique_suffix()
+        self.workdir = workdir / f'benchmark_{suffix}'
+        self.workdir.mkdir()
+        self.database = services.Database(f'mikkoo_benchmark_{suffix}')
+        self.broker = services.BrokerQueue(f'mikkoo.benchmark.{suffix}')
+        self.figures = report.Figures()
+        self.warnings: list[str] = []
+        self.pgq_version = 'unknown'
+
+    def set_up(self) -> None:
+        self.database.create()
+        self.pgq_version = self.database.query_one(
+            "SELECT extversion FROM pg_extension WHERE extname = 'pgq'")
+        self.broker.declare()
+
+    def clean_up(self) -> None:
+        try:
+            self.broker.delete()
+        finally:
+            self.database.drop()
+
+    def run(self) -> None:
+        events, repeat = self.arguments.events, self.arguments.repeat
+        for index in range(1, repeat + 1):
+            LOGGER.info('repetition %d of %d, %d events', index, repeat, events)
+            self.measure_limits(index)
+            for confirm in (True, False):
+                self.measure_mikkoo(f'r{index}', events, confirm, self._label(confirm))
+        if self.arguments.big_batch:
+            label = f'mikkoo big batch {self.arguments.big_batch:,}, confirm: true'
+            for index in range(1, repeat + 1):
+                self.measure_mikkoo(f'big{index}', self.arguments.big_batch, True, label,
+                                    big_batch=True)
+        self.measure_idle()
+
+    @staticmethod
+    def _label(confirm: bool) -> str:
+        return f'mikkoo confirm: {"true" if confirm else "false"}'
+
+    # -- limits --------------------------------------------------------------
+
+    def measure_limits(self, index: int) -> None:
+        events, window = self.arguments.events, self.arguments.window
+        for confirm, name in ((True, LIMIT_CONFIRM), (False, LIMIT_NO_CONFIRM)):
+            self._check_broker_empty()
+            cpu_started = time.process_time()
+            rate = limits.publish_limit(self.broker.name, events, confirm=confirm,
+                                        window=window)
+            cpu = time.process_time() - cpu_started
+            self._check_delivered(name, events)
+            self.broker.purge()
+            self.figures.add(name, 'events/s', rate)
+            self.figures.add(f'{name}, CPU', PER_10K, cpu / events * 10_000)
+            LOGGER.info('%s: %.0f events/s', name, rate)
+
+        queue = f'pgq_drain_{index}'
+        self.database.create_queue(queue, PGQ_CONSUMER)
+        try:
+            self.database.insert_events(queue, events, self.broker.name)
+            self.database.tick(queue)
+            rate = limits.drain_pgq(self.database, queue, PGQ_CONSUMER, events,
+                                    fetch_size=5000, timeout=60 + events / 1000)
+        finally:
+            self.database.drop_queue(queue)
+        self.figures.add(LIMIT_PGQ, 'events/s', rate)
+        LOGGER.info('%s: %.0f events/s', LIMIT_PGQ, rate)
+
+    # -- mikkoo --------------------------------------------------------------
+
+    def measure_mikkoo(self, run_id: str, events: int, confirm: bool, label: str,
+                       big_batch: bool = False) -> None:
+        queue = f'relay_{run_id}_{"confirm" if confirm else "noconfirm"}'
+        self.database.create_queue(queue, CONSUMER)
+        try:
+            LOGGER.info('%s: inserting %d events into PgQ queue %s', label, events, queue)
+            insert_seconds = self.database.insert_events(queue, events, self.broker.name)
+            self.database.tick(queue)
+            self._check_broker_empty()
+            result = self._run_mikkoo(queue, events, confirm)
+        finally:
+            self.broker.purge()
+            self.database.drop_queue(queue)
+        if big_batch:
+            self.figures.add(f'{label}, insert', 's', insert_seconds)
+        self._record_drain(label, events, confirm, result, big_batch)
+
+    def _run_mikkoo(self, queue: str, events: int, confirm: bool) -> DrainResult:
+        config = self.workdir / f'{queue}.yml'
+        write_config(config, queue, self.database.url, confirm=confirm)
+        mikkoo = MikkooProcess(config, self.workdir / f'{queue}.log')
+        mikkoo.start()
+        try:
+            result = wait_for_drain(mikkoo, self.broker, events, timeout=60 + events / 500)
+            extra = self.broker.message_count() - events
+        finally:
+            status = mikkoo.stop()
+        if status != 0:
+            self._warn(f'queue {queue}: mikkoo exited with status {status} after '
+                       f'SIGTERM (None: killed after the stop timeout)\n'
+                       f'{mikkoo.log_tail(10)}')
+        if len(result.worker_pids) > 1:
+            self._warn(f'queue {queue}: mikkoo started {len(result.worker_pids)} '
+                       f'workers, so it restarted a failed one')
+        if extra > 0:
+            self._warn(f'queue {queue}: RabbitMQ contains {extra} messages more than the '
+                       f'{events} events (duplicates)')
+        return result
+
+    def _record_drain(self, label: str, events: int, confirm: bool,
+                      result: DrainResult, big_batch: bool) -> None:
+        rate = events / result.seconds
+        limit = self.figures.get(LIMIT_CONFIRM if confirm else LIMIT_NO_CONFIRM)
+        self.figures.add(label, 'events/s', rate)
+        if limit is not None:
+            # A run of --events events is compared with the limit measured in
+            # the same repetition, so that a busier machine slows both sides
+            # of the ratio. The big batches come after all repetitions.
+            reference = limit.median if big_batch else limit.values[-1]
+            self.figures.add(f'{label}, of limit', '%', 100 * rate / reference)
+        self.figures.add(f'{label}, CPU', PER_10K, result.cpu_seconds / events * 10_000)
+        self.figures.add(f'{label}, worker peak RSS', 'MB',
+                         result.worker_peak_rss_bytes / 1e6)
+        self.figures.add(f'{label}, first message', 's', result.first_message_seconds)
+        LOGGER.info('%s: %.0f events/s, first message after %.2f s', label, rate,
+                    result.first_message_seconds)
+
+    def measure_idle(self) -> None:
+        queue = 'relay_idle'
+        self.database.create_queue(queue, CONSUMER)
+        config = self.workdir / f'{queue}.yml'
+        write_config(config, queue, self.database.url, confirm=True, wait_duration=1.0)
+        mikkoo = MikkooProcess(config, self.workdir / f'{queue}.log')
+        LOGGER.info('idle: %d windows of %g s', self.arguments.repeat,
+                    self.arguments.idle_seconds)
+        mikkoo.start()
+        try:
+            windows = measure_idle(mikkoo, self.arguments.repeat,
+                                   self.arguments.idle_seconds)
+        finally:
+            mikkoo.stop()
+            self.database.drop_queue(queue)
+        for worker, controller in windows:
+            self.figures.add('idle mikkoo, worker CPU', '% of a core', worker)
+            self.figures.add('idle mikkoo, controller CPU', '% of a core', controller)
+
+    # -- checks --------------------------------------------------------------
+
+    def _check_broker_empty(self) -> None:
+        count = self.broker.message_count()
+        if count:
+            raise RelayFailed(f'RabbitMQ queue {self.broker.name} contains {count} messages '
+                              'before a run; expected it empty after the purge')
+
+    def _check_delivered(self, name: str, events: int) -> None:
+        count = self.broker.message_count()
+        if count != events:
+            raise RelayFailed(f'{name}: RabbitMQ queue {self.broker.name} contains {count} '
+                              f'messages after publishing {events}')
+
+    def _warn(self, text: str) -> None:
+        LOGGER.warning('%s', text)
+        self.warnings.append(text)
+
+    # -- report --------------------------------------------------------------
+
+    def targets(self) -> list[report.Target]:
+        big = f'mikkoo big batch {self.arguments.big_batch:,}, confirm: true'
+        return [
+            self._target('mikkoo confirm: true, rate of confirmed limit',
+                         'mikkoo confirm: true, of limit', '>=', 70, '%'),
+            self._target('mikkoo confirm: false, rate of unconfirmed limit',
+                         'mikkoo confirm: false, of limit', '>=', 80, '%'),
+            self._target('worker peak RSS, big batch', f'{big}, worker peak RSS',
+                         '<=', 100, 'MB'),
+            self._target('idle worker CPU', 'idle mikkoo, worker CPU', '<', 1,
+                         '% of a core'),
+        ]
+
+    def _target(self, description: str, figure_name: str, comparison: str,
+                threshold: float, unit: str) -> report.Target:
+        figure = self.figures.get(figure_name)
+        value = None if figure is None else figure.median
+        return report.Target(description, value, comparison, threshold, unit)
+
+    def summary(self) -> dict[str, Any]:
+        arguments = {key: (str(value) if isinstance(value, Path) else value)
+                     for key, value in vars(self.arguments).items()}
+        return {
+            'arguments': arguments,
+            'machine': report.machine(),
+            'versions': report.versions(services.postgres_version(), self.pgq_version,
+                                        self.broker.server_version),
+            'figures': [figure.as_dict() for figure in self.figures.by_name.values()],
+            'targets': [target.as_dict() for target in self.targets()],
+            'warnings': self.warnings,
+        }
+
+
+def format_report(summary: dict[str, Any], benchmark: Benchmark) -> str:
+    arguments = summary['arguments']
+    settings = {'events per run': f'{arguments["events"]:,}',
+                'repetitions': str(arguments['repeat']),
+                'big batch': f'{arguments["big_batch"]:,}' if arguments['big_batch']
+                             else 'skipped',
+                'limit publisher window': f'{arguments["window"]:,}',
+                'body size': f'{services.BODY_SIZE} bytes of JSON'}
+    sections = [
+        ('machine', report.format_pairs(summary['machine'])),
+        ('versions', report.format_pairs(summary['versions'])),
+        ('settings', report.format_pairs(settings)),
+        ('results', report.format_table(benchmark.figures)),
+        ('targets (on medians)', report.format_targets(benchmark.targets())),
+    ]
+    if arguments['quick']:
+        sections.append(('note', 'A --quick run relays too few events for its rates to '
+                                 'mean anything: start-up takes most of each run.'))
+    if summary['warnings']:
+        sections.append(('warnings', '\n'.join(summary['warnings'])))
+    return '\n\n'.join(f'{title}\n{text}' for title, text in sections)
+
+
+def _raise_interrupted(_signum: int, _frame: Any) -> None:
+    raise Interrupted('stopped by SIGTERM')
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format='%(asctime)s %(levelname)s %(name)s: %(message)s')
+    logging.getLogger('pika').setLevel(logging.WARNING)
+    # Unwinding on SIGTERM stops mikkoo and drops the database and queue.
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    with tempfile.TemporaryDirectory(prefix='mikkoo-benchmark-') as temporary:
+        workdir = arguments.log_dir or Path(temporary)
+        workdir.mkdir(parents=True, exist_ok=True)
+        benchmark = Benchmark(arguments, workdir)
+        try:
+            benchmark.set_up()
+            benchmark.run()
+            summary = benchmark.summary()
+        except (RelayFailed, limits.PublishFailed, TimeoutError, Interrupted,
+                psycopg2.Error, pika.exceptions.AMQPError) as error:
+            LOGGER.error('benchmark failed: %s: %s', type(error).__name__, error)
+            return EXIT_FAILURE
+        finally:
+            benchmark.clean_up()
+    print(format_report(summary, benchmark))
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(summary, indent=2) + '\n')
+    return EXIT_OK
+
+
+if __name__ == '__main__':
+    sys.exit(main())
