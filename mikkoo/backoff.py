@@ -25,7 +25,12 @@ class Backoff:
 
     def next_delay(self) -> float:
         """Record a failed attempt and return seconds to wait before the next."""
-        base = min(self.maximum, self.initial * self.factor ** self.attempts)
+        try:
+            base = min(self.maximum, self.initial * self.factor ** self.attempts)
+        except OverflowError:
+            # After about a thousand doublings the float overflows; the cap
+            # was reached long before.
+            base = self.maximum
         self.attempts += 1
         spread = 1 + self.jitter * (2 * self.random_fraction() - 1)
         return min(self.maximum, base * spread)

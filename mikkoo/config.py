@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import pwd
+import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -253,7 +254,10 @@ DAEMON_OPTIONS = (
     Option('prevent_core', _boolean, True, 'Accepted for compatibility; unused.'),
 )
 
-SECRET_KEYS = frozenset({'password', 'sentry_dsn'})
+# Keys whose values are never logged or shown in an error, wherever they
+# appear (ssl_options.password, a logging handler's credentials, ...).
+SECRET_KEYS = frozenset({'password', 'sentry_dsn', 'credentials', 'secret', 'token'})
+URL_KEYS = frozenset({'postgres_url', 'postgresql_url', 'rabbitmq_url'})
 
 
 class _Collector:
@@ -296,8 +300,20 @@ class _Collector:
             return option.check(raw)
         except ValueError as error:
             self.problems.append(
-                f'{where}.{present[0]}: must be {error}, got {raw!r}')
+                f'{where}.{present[0]}: must be {error}, got {_shown(option.key, raw)}')
             return option.default
+
+
+def _shown(key: str, value: Any) -> str:
+    """Return how a rejected value appears in an error, without secrets."""
+    if key in SECRET_KEYS:
+        return 'a value that is not shown because it is secret'
+    if key in URL_KEYS and isinstance(value, str):
+        return repr(mask_url(value))
+    return repr(value)
+
+
+SECTIONS = ('Application', 'Daemon', 'Logging')
 
 
 def load(path: str) -> Settings:
@@ -309,6 +325,10 @@ def load(path: str) -> Settings:
     document = _read(path)
     collector = _Collector()
     root = collector.section(document, 'top level')
+    for key in root:
+        if key not in SECTIONS:
+            LOGGER.warning('%s: unknown section %r is ignored; the sections are %s',
+                           path, key, ', '.join(SECTIONS))
     application = collector.section(root.get('Application'), 'Application')
     app = collector.options(application, APPLICATION_OPTIONS, 'Application')
     statsd = collector.options(collector.section(app['statsd'], 'Application.statsd'),
@@ -319,7 +339,7 @@ def load(path: str) -> Settings:
     logging_config = root.get('Logging')
     if logging_config is not None and not isinstance(logging_config, Mapping):
         collector.problems.append('Logging: must be a logging.config.dictConfig mapping')
-    if application and 'workers' in application and not workers and not collector.problems:
+    if application.get('workers') == {}:
         collector.problems.append('Application.workers: configure at least one queue')
     if collector.problems:
         raise ConfigError(path, collector.problems)
@@ -395,7 +415,9 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f'invalid port in {mask_url(url)!r}') from None
+        port = 0
+    if port == 0:
+        raise ValueError(f'invalid port in {mask_url(url)!r}; use 1 to 65535')
     tls = parts.scheme == 'amqps'
     query = urllib.parse.parse_qs(parts.query)
     heartbeat = query.get('heartbeat', query.get('heartbeat_interval', ['300']))[0]
@@ -412,21 +434,28 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
         heartbeat_interval=int(heartbeat))
 
 
-def mask_url(url: str) -> str:
-    """Return ``url`` with the password, if any, replaced by asterisks.
+_LIBPQ_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
 
-    Handles URLs (scheme://user:password@host) and libpq key=value strings.
+
+def mask_url(url: str) -> str:
+    """Return ``url`` with every password in it replaced by asterisks.
+
+    Handles URLs (scheme://user:password@host, or ?password= in the query)
+    and libpq key=value strings, quoted or not.
     """
     if '://' not in url:
-        return ' '.join('password=****' if item.startswith('password=') else item
-                        for item in url.split())
+        return _LIBPQ_PASSWORD.sub('password=****', url)
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f':{parts.password}@', ':****@', 1)
-    query = urllib.parse.urlencode(
-        [(key, '****' if key == 'password' else value)
-         for key, value in urllib.parse.parse_qsl(parts.query)])
+    netloc = parts.netloc
+    if parts.password is not None:
+        user_info, _, host = netloc.rpartition('@')
+        netloc = f'{user_info.split(":", 1)[0]}:****@{host}'
+    query = parts.query
+    if 'password' in query:
+        query = urllib.parse.urlencode(
+            [(key, '****' if key == 'password' else value)
+             for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True)],
+            safe='*')
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
@@ -436,7 +465,7 @@ def masked(value: Any) -> Any:
         value = dataclasses.asdict(value)
     if isinstance(value, Mapping):
         return {key: '****' if key in SECRET_KEYS and val else
-                mask_url(val) if key in ('postgres_url', 'rabbitmq_url') and val
+                mask_url(val) if key in URL_KEYS and isinstance(val, str)
                 else masked(val)
                 for key, val in value.items()}
     if isinstance(value, list):

@@ -194,11 +194,21 @@ class Controller:
             if queue not in new.workers:
                 self._retire(queue)
             elif queue not in old.workers:
-                self.slots[queue] = Slot(queue)
-                LOGGER.info('queue %s added by the reload', queue)
+                self._add(queue)
             elif global_change or new.workers[queue] != old.workers[queue]:
                 self._restart(self.slots[queue])
         LOGGER.info('configuration reloaded from %s', new.path)
+
+    def _add(self, queue: str) -> None:
+        LOGGER.info('queue %s added by the reload', queue)
+        slot = self.slots.get(queue)
+        if slot is None:
+            self.slots[queue] = Slot(queue)
+            return
+        # The queue was removed by an earlier reload and its worker is
+        # still stopping: start the new one once the old one has exited.
+        slot.remove_after_exit = False
+        slot.restart_after_exit = True
 
     def _retire(self, queue: str) -> None:
         slot = self.slots[queue]

@@ -16,6 +16,7 @@ still published. This module imports neither pika nor psycopg2.
 """
 from __future__ import annotations
 
+import decimal
 import json
 import logging
 import os
@@ -29,6 +30,13 @@ LOGGER = logging.getLogger(__name__)
 SHORTSTR_MAX = 255
 INT64_MIN = -(2 ** 63)
 INT64_MAX = 2 ** 63 - 1
+# pika encodes an AMQP decimal as a 32-bit signed mantissa and a count of
+# decimal places.
+INT32_MIN = -(2 ** 31)
+INT32_MAX = 2 ** 31 - 1
+# Header tables and arrays nested deeper than this are left out; a JSON
+# document can nest deeper than Python's recursion limit.
+MAX_HEADER_DEPTH = 32
 
 STRING_PROPERTIES = frozenset({
     'app_id', 'content_encoding', 'content_type', 'correlation_id',
@@ -152,8 +160,11 @@ class EventMapper:
         values = self._json_object(event, 'ev_extra3', event.extra3)
         if not values:
             return {}
-        properties = {}
+        properties: dict[str, Any] = {}
         for name, value in values.items():
+            if name == 'headers' and isinstance(value, dict):
+                properties[name] = value
+                continue
             problem = _property_problem(name, value)
             if problem:
                 self._warn(event, f'ev_extra3 property {name!r}', problem)
@@ -163,6 +174,8 @@ class EventMapper:
 
     def _content_type(self, event: Event) -> str | None:
         content_type = event.extra2 or ''
+        if not content_type:
+            return None
         if len(content_type.encode('utf-8')) > SHORTSTR_MAX:
             self._warn(event, 'ev_extra2', 'content type is longer than 255 bytes')
             return None
@@ -173,9 +186,14 @@ class EventMapper:
         if text is None or text == '':
             return None
         try:
-            value = json.loads(text)
+            # Numbers with a fraction become Decimal: pika cannot encode a
+            # float, and the decimal keeps the digits the event was written with.
+            value = json.loads(text, parse_float=decimal.Decimal)
         except ValueError as error:
             self._warn(event, field, f'invalid JSON ({error})')
+            return None
+        except RecursionError:
+            self._warn(event, field, 'JSON nested too deeply to read')
             return None
         if value is None:
             return None
@@ -187,11 +205,10 @@ class EventMapper:
     def _clean_headers(self, event: Event, headers: dict[str, Any]) -> dict[str, Any]:
         clean = {}
         for name, value in headers.items():
-            problem = _header_problem(name, value)
-            if problem:
-                self._warn(event, f'header {name!r}', problem)
-                continue
-            clean[name] = value
+            try:
+                clean[name] = _header_value(name, value, 1)
+            except UnusableHeader as error:
+                self._warn(event, f'header {name!r}', str(error))
         return clean
 
     def _add_automatic_headers(self, event: Event, headers: dict[str, Any]) -> None:
@@ -220,9 +237,12 @@ def _property_problem(name: str, value: Any) -> str | None:
     if name not in ALLOWED_PROPERTIES:
         return 'not an AMQP property mikkoo sets'
     if name == 'headers':
-        return None if isinstance(value, dict) else 'must be a JSON object'
-    if name == 'expiration' and _is_integer(value) and value >= 0:
-        return None
+        return 'must be a JSON object'
+    if name == 'expiration':
+        # RabbitMQ takes the expiration in milliseconds, as digits.
+        if (_is_integer(value) and value >= 0) or (isinstance(value, str) and value.isdigit()):
+            return None
+        return f'must be a number of milliseconds, got {value!r}'
     if name in STRING_PROPERTIES:
         if not isinstance(value, str):
             return f'must be a string, got {value!r}'
@@ -235,27 +255,45 @@ def _property_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def _header_problem(name: str, value: Any) -> str | None:
-    """Return why ``value`` cannot be encoded in an AMQP table, or None."""
+class UnusableHeader(Exception):
+    """Raised when a header value cannot be encoded in an AMQP table."""
+
+
+def _header_value(name: str, value: Any, depth: int) -> Any:
+    """Return ``value`` in a form pika encodes, or raise UnusableHeader."""
     if len(name.encode('utf-8')) > SHORTSTR_MAX:
-        return 'header name is longer than 255 bytes'
-    return _value_problem(value)
-
-
-def _value_problem(value: Any) -> str | None:
+        raise UnusableHeader('header name is longer than 255 bytes')
+    if depth > MAX_HEADER_DEPTH:
+        raise UnusableHeader(f'nested more than {MAX_HEADER_DEPTH} levels deep')
     if _is_integer(value) and not INT64_MIN <= value <= INT64_MAX:
-        return f'integer {value} does not fit in 64 bits'
+        raise UnusableHeader(f'integer {value} does not fit in 64 bits')
+    if isinstance(value, decimal.Decimal):
+        return _decimal_or_text(value)
     if isinstance(value, dict):
-        for name, item in value.items():
-            problem = _header_problem(name, item)
-            if problem:
-                return f'in {name!r}: {problem}'
+        table = {}
+        for key, item in value.items():
+            try:
+                table[key] = _header_value(key, item, depth + 1)
+            except UnusableHeader as error:
+                raise UnusableHeader(f'in {key!r}: {error}') from None
+        return table
     if isinstance(value, list):
-        for item in value:
-            problem = _value_problem(item)
-            if problem:
-                return problem
-    return None
+        return [_header_value('', item, depth + 1) for item in value]
+    return value
+
+
+def _decimal_or_text(value: decimal.Decimal) -> decimal.Decimal | str:
+    """Return ``value`` if it fits an AMQP decimal, else its text."""
+    if not value.is_finite():
+        return str(value)
+    normalized = value.normalize()
+    exponent = normalized.as_tuple().exponent
+    assert isinstance(exponent, int)
+    places = max(0, -exponent)
+    mantissa = int(normalized.scaleb(places))
+    if places > 255 or not INT32_MIN <= mantissa <= INT32_MAX:
+        return str(value)
+    return normalized
 
 
 def _is_integer(value: Any) -> bool:

@@ -1,68 +1,356 @@
-"""Build the TLS context for the RabbitMQ connection from ``ssl_options``."""
+"""Build the TLS context for the RabbitMQ connection and explain failed handshakes.
+
+:func:`client_context` turns ``rabbitmq/ssl_options`` into an
+:class:`ssl.SSLContext` and raises :class:`TLSConfigError` naming the
+option and file at fault. :func:`describe_handshake_failure` turns the
+error of a failed pika connection into one line that says why the TLS
+handshake failed and what to check.
+"""
 from __future__ import annotations
 
+import os
+import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
+
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectorStackTimeout, AMQPConnectorTransportSetupError)
+
+# Certificate verification results, from OpenSSL's include/openssl/x509_vfy.h.
+X509_V_ERR_CERT_NOT_YET_VALID = 9
+X509_V_ERR_CERT_HAS_EXPIRED = 10
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+X509_V_ERR_IP_ADDRESS_MISMATCH = 64
+
+# OpenSSL reasons for a peer that does not speak TLS on that port, such as
+# RabbitMQ's plain AMQP listener, which answers a ClientHello with the AMQP
+# protocol header and closes the connection.
+NOT_TLS_REASONS = frozenset({'WRONG_VERSION_NUMBER', 'PACKET_LENGTH_TOO_LONG',
+                             'RECORD_LAYER_FAILURE', 'UNEXPECTED_EOF_WHILE_READING',
+                             'HTTP_REQUEST'})
+# TLS alerts of a server that requires a client certificate and got none.
+CERTIFICATE_REQUIRED_REASONS = frozenset({'TLSV13_ALERT_CERTIFICATE_REQUIRED'})
+# TLS alerts of a server that rejected the client certificate sent.
+CLIENT_CERTIFICATE_REJECTED_REASONS = frozenset({
+    'TLSV1_ALERT_UNKNOWN_CA', 'SSLV3_ALERT_BAD_CERTIFICATE',
+    'SSLV3_ALERT_CERTIFICATE_UNKNOWN', 'SSLV3_ALERT_CERTIFICATE_EXPIRED',
+    'SSLV3_ALERT_UNSUPPORTED_CERTIFICATE', 'TLSV1_ALERT_ACCESS_DENIED'})
+# Reasons for a handshake that found no protocol version in common.
+PROTOCOL_VERSION_REASONS = frozenset({'UNSUPPORTED_PROTOCOL', 'NO_PROTOCOLS_AVAILABLE',
+                                      'TLSV1_ALERT_PROTOCOL_VERSION'})
+
+# pika keeps only the text of an SSL error that ends the connection after
+# the handshake (a TLS 1.3 server checks the client certificate then), so
+# the OpenSSL reason is also looked for in the text: "[SSL: REASON] text (_ssl.c".
+SSL_REASON_IN_TEXT = re.compile(r'\[SSL: (?P<reason>[A-Z0-9_]+)\] (?P<text>[^(\'"]*)')
+
+# File names OpenSSL looks up in a CA directory: the subject hash, a dot
+# and a number, as made by ``openssl rehash``.
+HASHED_CA_NAME = re.compile(r'^[0-9a-f]{8}\.r?[0-9]+$')
 
 
 class TLSConfigError(Exception):
     """Raised when ``ssl_options`` name a file or value that cannot be used."""
 
 
+# -- building the context ----------------------------------------------------
+
 def client_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """Return a client SSLContext that verifies the server against the CAs given.
 
-    Raises TLSConfigError naming the option and file at fault.
+    The server certificate is always verified: against ``ca_certs``,
+    ``ca_path`` and ``ca_data`` when any is set, else against the system's
+    CAs. Its host name is checked unless ``verify_hostname`` is false.
+    Reads the files named in ``options``. Raises TLSConfigError naming the
+    option and file at fault.
     """
-    protocol = options.get('protocol', ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context = ssl.SSLContext(protocol)
-    except (ValueError, TypeError, OSError) as error:
-        raise TLSConfigError(f'ssl_options.protocol {protocol!r} is not usable: {error}') from None
+    context = _new_context(options.get('protocol'))
     context.verify_mode = ssl.CERT_REQUIRED
-    context.check_hostname = bool(options.get('verify_hostname', True))
+    context.check_hostname = _verify_hostname(options.get('verify_hostname', True))
 
     _load_verify_locations(context, options)
-    if options.get('certfile'):
+    if options.get('certfile') is not None:
         _load_cert_chain(context, options)
-    if options.get('ciphers'):
-        try:
-            context.set_ciphers(options['ciphers'])
-        except ssl.SSLError as error:
-            raise TLSConfigError(
-                f'ssl_options.ciphers {options["ciphers"]!r} selects no cipher: {error}') from None
+    elif options.get('keyfile') is not None:
+        raise TLSConfigError('ssl_options.keyfile is set but certfile is not; set '
+                             'ssl_options.certfile to the client certificate')
+    if options.get('ciphers') is not None:
+        _set_ciphers(context, options['ciphers'])
     return context
+
+
+def _new_context(protocol: Any) -> ssl.SSLContext:
+    if protocol is None:
+        protocol = ssl.PROTOCOL_TLS_CLIENT
+    elif isinstance(protocol, str) and protocol.startswith('PROTOCOL_'):
+        protocol = getattr(ssl, protocol, protocol)
+    if isinstance(protocol, bool) or not isinstance(protocol, int):
+        raise TLSConfigError(f'ssl_options.protocol must be an ssl.PROTOCOL_* number such '
+                             f'as {int(ssl.PROTOCOL_TLS_CLIENT)} (PROTOCOL_TLS_CLIENT), '
+                             f'got {protocol!r}')
+    if protocol == ssl.PROTOCOL_TLS_SERVER:
+        raise TLSConfigError(f'ssl_options.protocol {protocol} is PROTOCOL_TLS_SERVER, '
+                             f'which only servers can use; leave protocol unset for '
+                             f'PROTOCOL_TLS_CLIENT')
+    try:
+        return ssl.SSLContext(protocol)
+    except (ValueError, OSError) as error:
+        raise TLSConfigError(f'ssl_options.protocol {protocol} is not an ssl.PROTOCOL_* '
+                             f'number this Python supports: {error}') from None
+
+
+def _verify_hostname(value: Any) -> bool:
+    # A string such as "no" would be true in Python, so only YAML's true and
+    # false are accepted: turning the check off must be explicit.
+    if not isinstance(value, bool):
+        raise TLSConfigError(f'ssl_options.verify_hostname must be true or false, '
+                             f'got {value!r}')
+    return value
+
+
+def _check_readable_file(option: str, path: Any) -> str:
+    """Return ``path`` after checking that it names a file this process can read."""
+    if not isinstance(path, str) or not path:
+        raise TLSConfigError(f'ssl_options.{option} must be the path of a file, got {path!r}')
+    try:
+        with open(path, 'rb'):
+            pass
+    except FileNotFoundError:
+        raise TLSConfigError(f'ssl_options.{option}: file not found: {path}') from None
+    except IsADirectoryError:
+        raise TLSConfigError(f'ssl_options.{option}: {path} is a directory, not a '
+                             f'file') from None
+    except OSError as error:
+        raise TLSConfigError(f'ssl_options.{option}: cannot read {path}: '
+                             f'{error.strerror or error}') from None
+    return path
+
+
+def _check_ca_directory(path: Any) -> str:
+    if not isinstance(path, str) or not path:
+        raise TLSConfigError(f'ssl_options.ca_path must be the path of a directory, '
+                             f'got {path!r}')
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        raise TLSConfigError(f'ssl_options.ca_path: directory not found: {path}') from None
+    except NotADirectoryError:
+        raise TLSConfigError(f'ssl_options.ca_path: {path} is not a directory; use '
+                             f'ssl_options.ca_certs for a file') from None
+    except OSError as error:
+        raise TLSConfigError(f'ssl_options.ca_path: cannot read {path}: '
+                             f'{error.strerror or error}') from None
+    # OpenSSL reads the directory only during a handshake, and then finds a
+    # CA only under its hashed name; without any, every handshake fails.
+    if not any(HASHED_CA_NAME.match(name) for name in names):
+        raise TLSConfigError(f'ssl_options.ca_path: {path} contains no certificates named '
+                             f'by subject hash; run "openssl rehash {path}"')
+    return path
 
 
 def _load_verify_locations(context: ssl.SSLContext, options: Mapping[str, Any]) -> None:
     cafile = options.get('ca_certs')
     capath = options.get('ca_path')
     cadata = options.get('ca_data')
-    if not (cafile or capath or cadata):
-        context.load_default_certs()
+    if cafile is None and capath is None and cadata is None:
+        context.load_default_certs(ssl.Purpose.SERVER_AUTH)
         return
-    try:
-        context.load_verify_locations(cafile=cafile, capath=capath, cadata=cadata)
-    except FileNotFoundError as error:
-        raise TLSConfigError(f'ssl_options: CA file not found: {error.filename or cafile}') from None
-    except OSError as error:
-        raise TLSConfigError(f'ssl_options: cannot read the CA certificates: {error}') from None
-    except ssl.SSLError as error:
-        raise TLSConfigError(f'ssl_options: invalid CA certificates: {error}') from None
+
+    if cafile is not None:
+        _check_readable_file('ca_certs', cafile)
+        try:
+            context.load_verify_locations(cafile=cafile)
+        except ssl.SSLError as error:
+            raise TLSConfigError(f'ssl_options.ca_certs: {cafile} contains no valid PEM '
+                                 f'certificate: {_ssl_text(error)}') from None
+    if capath is not None:
+        context.load_verify_locations(capath=_check_ca_directory(capath))
+    if cadata is not None:
+        if not isinstance(cadata, (str, bytes)) or not cadata:
+            raise TLSConfigError('ssl_options.ca_data must be PEM text, got '
+                                 f'{type(cadata).__name__}')
+        try:
+            context.load_verify_locations(cadata=cadata)
+        except ssl.SSLError as error:
+            raise TLSConfigError(f'ssl_options.ca_data contains no valid PEM certificate: '
+                                 f'{_ssl_text(error)}') from None
 
 
 def _load_cert_chain(context: ssl.SSLContext, options: Mapping[str, Any]) -> None:
-    certfile = options['certfile']
-    keyfile = options.get('keyfile')
+    certfile = _check_readable_file('certfile', options['certfile'])
+    key_option = 'keyfile' if options.get('keyfile') is not None else 'certfile'
+    keyfile = _check_readable_file(key_option, options[key_option])
+    if not _contains(certfile, b'-----BEGIN CERTIFICATE-----'):
+        raise TLSConfigError(f'ssl_options.certfile: {certfile} contains no PEM '
+                             f'certificate')
+    if not _contains(keyfile, b'PRIVATE KEY-----'):
+        raise TLSConfigError(f'ssl_options.{key_option}: {keyfile} contains no PEM '
+                             f'private key')
+    encrypted = (_contains(keyfile, b'-----BEGIN ENCRYPTED PRIVATE KEY-----')
+                 or _contains(keyfile, b'Proc-Type: 4,ENCRYPTED'))
     try:
-        context.load_cert_chain(certfile, keyfile, options.get('password'))
-    except FileNotFoundError as error:
-        raise TLSConfigError(
-            f'ssl_options: certificate or key file not found: {error.filename or certfile}') from None
-    except OSError as error:
-        raise TLSConfigError(f'ssl_options: cannot read {certfile}: {error}') from None
+        context.load_cert_chain(certfile, keyfile, _key_password(options, keyfile))
     except ssl.SSLError as error:
-        raise TLSConfigError(
-            f'ssl_options: cannot load certificate {certfile} and key {keyfile or certfile} '
-            f'(wrong key password?): {error}') from None
+        if error.reason == 'KEY_VALUES_MISMATCH':
+            raise TLSConfigError(f'ssl_options: the private key in {keyfile} does not '
+                                 f'belong to the certificate in {certfile}') from None
+        if encrypted:
+            # OpenSSL 3 reports a wrong password only as "PEM lib".
+            raise TLSConfigError(f'ssl_options: cannot decrypt the private key in '
+                                 f'{keyfile}; check ssl_options.password') from None
+        raise TLSConfigError(f'ssl_options: cannot load the certificate {certfile} and '
+                             f'the private key {keyfile}: {_ssl_text(error)}') from None
+
+
+def _key_password(options: Mapping[str, Any],
+                  keyfile: str) -> str | bytes | Callable[[], str]:
+    password = options.get('password')
+    if password is None:
+        # Without a callback OpenSSL would prompt on the terminal for the
+        # password of an encrypted key; the callback runs only for one.
+        def missing_password() -> str:
+            raise TLSConfigError(f'ssl_options: the private key in {keyfile} is '
+                                 f'encrypted; set ssl_options.password')
+        return missing_password
+    if not isinstance(password, (str, bytes)):
+        # The value is a secret, so only its type is named.
+        raise TLSConfigError(f'ssl_options.password must be a string (quote it in YAML), '
+                             f'got a {type(password).__name__}')
+    return password
+
+
+def _set_ciphers(context: ssl.SSLContext, ciphers: Any) -> None:
+    if not isinstance(ciphers, str) or not ciphers:
+        raise TLSConfigError(f'ssl_options.ciphers must be an OpenSSL cipher list such as '
+                             f'"ECDHE+AESGCM", got {ciphers!r}')
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise TLSConfigError(f'ssl_options.ciphers {ciphers!r} selects no cipher that '
+                             f'OpenSSL {ssl.OPENSSL_VERSION.split()[1]} supports') from None
+
+
+def _contains(path: str, marker: bytes) -> bool:
+    with open(path, 'rb') as handle:
+        return marker in handle.read()
+
+
+def _ssl_text(error: ssl.SSLError) -> str:
+    """Return OpenSSL's text without the "[SSL: REASON]" prefix and "(_ssl.c:1006)"."""
+    text = str(error.args[1] if len(error.args) > 1 else error)
+    text = re.sub(r'^\[[A-Z0-9]+(: [A-Z0-9_]+)?\]\s*', '', text)
+    return re.sub(r'\s*\(_ssl\.c:\d+\)$', '', text)
+
+
+# -- explaining failed handshakes --------------------------------------------
+
+def describe_handshake_failure(error: BaseException, host: str, port: int) -> str | None:
+    """Return one line on why the TLS handshake with ``host:port`` failed.
+
+    ``error`` is what pika reported for a failed connection; the SSL error
+    is searched for among the exceptions it wraps. Returns None when the
+    failure was not in the TLS handshake.
+    """
+    where = f'TLS handshake with {host}:{port} failed'
+    for cause in _causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f'{where}: {_explain_verification(cause, host)}'
+        if isinstance(cause, ssl.SSLError):
+            return f'{where}: {_explain_reason(cause.reason or "", _ssl_text(cause), port)}'
+        if (isinstance(cause, AMQPConnectorTransportSetupError)
+                and isinstance(cause.exception, AMQPConnectorStackTimeout)):
+            return (f'{where}: timed out; check that port {port} is a TLS listener '
+                    f'and that nothing between drops the traffic')
+    for cause in _causes(error):
+        match = SSL_REASON_IN_TEXT.search(str(cause))
+        if match:
+            return f'{where}: {_explain_reason(match["reason"], match["text"].strip(), port)}'
+    return None
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """Yield ``error`` and the exceptions it wraps, outermost first.
+
+    pika wraps connection errors in several layers: ``exceptions`` (a
+    failed connection workflow), ``exception`` (a failed connector phase),
+    the exception's args, and the usual ``__cause__`` and ``__context__``.
+    """
+    pending = [error]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped: list[Any] = [*getattr(current, 'exceptions', ()),
+                              getattr(current, 'exception', None), *current.args,
+                              current.__cause__, current.__context__]
+        pending.extend(item for item in wrapped if isinstance(item, BaseException))
+
+
+def _explain_verification(error: ssl.SSLCertVerificationError, host: str) -> str:
+    code = error.verify_code
+    detail = error.verify_message
+    if code in (X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return (f"the server's certificate is not valid for {host} ({detail}); set "
+                f"rabbitmq.host to a name the certificate lists, or set "
+                f"ssl_options.verify_hostname: false")
+    if code == X509_V_ERR_CERT_HAS_EXPIRED:
+        return (f"the server's certificate has expired ({detail}); the server needs a "
+                f"new certificate")
+    if code == X509_V_ERR_CERT_NOT_YET_VALID:
+        return (f"the server's certificate is not valid yet ({detail}); check the "
+                f"clocks of both hosts")
+    return (f"the server's certificate cannot be verified ({detail}); set "
+            f"ssl_options.ca_certs, ca_path or ca_data to the CA that signed it")
+
+
+def _explain_reason(reason: str, text: str, port: int) -> str:
+    if reason in NOT_TLS_REASONS:
+        return (f'the server did not answer in TLS ({text}); check that port {port} '
+                f'is a TLS listener (RabbitMQ uses 5671 for TLS, 5672 for plain AMQP)')
+    if reason in CERTIFICATE_REQUIRED_REASONS:
+        return (f'the server requires a client certificate ({text}); set '
+                f'ssl_options.certfile and keyfile')
+    if reason in CLIENT_CERTIFICATE_REJECTED_REASONS:
+        return (f'the server rejected the client certificate ({text}); it must be '
+                f'valid and signed by a CA that the server trusts')
+    if reason in PROTOCOL_VERSION_REASONS:
+        return (f'the server supports none of the TLS versions allowed ({text}); '
+                f'check ssl_options.protocol')
+    if reason == 'SSLV3_ALERT_HANDSHAKE_FAILURE':
+        return (f'the server ended the handshake ({text}); check ssl_options.ciphers, '
+                f'and whether the server requires a client certificate')
+    return text or reason or 'unknown SSL error'
+
+
+# -- amqps:// URLs -----------------------------------------------------------
+
+# Query parameters of an amqps:// URL, named as in RabbitMQ's "URI Query
+# Parameters" guide, and the ssl_options keys they set.
+URL_QUERY_OPTIONS = {'cacertfile': 'ca_certs', 'certfile': 'certfile',
+                     'keyfile': 'keyfile', 'password': 'password'}
+
+
+def options_from_url_query(query: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Return the ssl_options that the query parameters of an amqps:// URL set.
+
+    ``query`` is what :func:`urllib.parse.parse_qs` returns; the last value
+    of a repeated parameter wins, and parameters that are not about TLS are
+    ignored. Raises ValueError for ``verify=verify_none``, because mikkoo
+    always verifies the server, and for ``server_name_indication``, which
+    it does not support.
+    """
+    options = {key: query[parameter][-1] for parameter, key in URL_QUERY_OPTIONS.items()
+               if parameter in query}
+    verify = query.get('verify', ['verify_peer'])[-1]
+    if verify != 'verify_peer':
+        raise ValueError(f'verify={verify} is not supported: mikkoo always verifies the '
+                         f"server's certificate; remove the parameter")
+    if 'server_name_indication' in query:
+        raise ValueError('server_name_indication is not supported; use the rabbitmq '
+                         'section, whose ssl_options.verify_hostname turns the host name '
+                         'check off')
+    return options

@@ -647,10 +647,6 @@ def test_sighup_ignored_while_stopping(reloadable: Controller, ops: FakeProcessO
     assert set(reloadable.slots) == set(QUEUES)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    'reload() replaces the slot of a queue that comes back while its old '
-    'worker is still stopping, so that worker is no longer tracked: a second '
-    'worker starts for the queue and shutdown never signals the first'))
 def test_readded_queue_keeps_old_worker(reloadable: Controller, ops: FakeProcessOps,
                                         config_path: Path) -> None:
     old_pid = reloadable.slots['orders'].pid
