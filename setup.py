@@ -26,7 +26,10 @@ setup(
         'sentry': ['sentry-sdk>=2'],
         'test': ['pytest>=8', 'mypy>=1.10', 'types-PyYAML', 'types-psycopg2'],
     },
-    entry_points={'console_scripts': ['mikkoo=mikkoo.cli:main']},
+    entry_points={'console_scripts': [
+        'mikkoo=mikkoo.cli:main',
+        'mikkoo-audit=mikkoo.audit:main',
+    ]},
     classifiers=[
         'License :: OSI Approved :: BSD License',
         'Operating System :: POSIX',
