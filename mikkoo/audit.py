@@ -47,7 +47,7 @@ class Report:
 
 
 class AuditError(Exception):
-    """Raised when a service cannot be used; the message says which and why."""
+    """Raised when PostgreSQL or RabbitMQ cannot be used; the message names the cause."""
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ AMQPS_PORT = 5671
 
 
 class ConfigError(Exception):
-    """Raised when the configuration file cannot be used; holds every problem."""
+    """Raised when the configuration file cannot be used; ``problems`` lists every problem."""
 
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
@@ -320,7 +320,7 @@ def load(path: str) -> Settings:
     """Read and validate the configuration file at ``path``.
 
     Raises ConfigError listing every problem when the file is missing,
-    unreadable, not YAML, or holds invalid values.
+    unreadable, not YAML, or contains invalid values.
     """
     document = _read(path)
     collector = _Collector()

@@ -237,10 +237,10 @@ class Controller:
     def request_stop(self) -> None:
         """Ask every worker to settle its batch and exit.
 
-        The order matters: no worker is started any more, running workers
-        get SIGTERM and settle the batch in hand, and workers still alive
-        at the deadline are killed (their batch is then read again on the
-        next start, so nothing is lost, only repeated).
+        The order matters. No worker is started any more, and running
+        workers get SIGTERM and settle the batch in hand. Workers still
+        alive at the deadline are killed; their batch is read again on the
+        next start, so nothing is lost, only repeated.
         """
         self.stopping = True
         self.stop_deadline = self.ops.monotonic() + self.settings.shutdown_timeout

@@ -162,7 +162,7 @@ class BatchSource:
                 self.close()
 
     def unregister(self) -> None:
-        """Unregister the consumer; PgQ forgets its position and retries."""
+        """Unregister the consumer, which drops its position and its retry events in PgQ."""
         cursor = self._cursor()
         cursor.execute('SELECT pgq.unregister_consumer(%s, %s)', (self.queue, self.consumer))
         self._commit()

@@ -8,9 +8,9 @@ broker's acks, nacks and returns arrive. Callers still see blocking calls.
 
 Outcomes are reported as *failures*: a list of ``(token, reason)`` pairs for
 messages the broker refused. Messages whose fate became unknown because the
-channel or connection closed are *in doubt*; they are published again, one
-at a time, so that a message that makes the broker close the channel is
-found and failed without failing the messages around it.
+channel or connection closed are *in doubt*, and they are published again.
+When the broker closed the channel over an error, they are sent one at a
+time, so that the message at fault fails alone.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from mikkoo.mapping import InvalidMessage, Message
 
 LOGGER = logging.getLogger(__name__)
 
-# Seconds to wait for the broker to answer a connection or channel request.
+# Seconds to wait for the broker to respond to a connection or channel request.
 RPC_TIMEOUT = 30.0
 # Publishes between two I/O loop turns when confirmations are off.
 UNCONFIRMED_FLUSH_EVERY = 256
@@ -113,9 +113,9 @@ class Publisher:
         self._tags_by_correlation: dict[Any, list[int]] = {}
         self._in_doubt: collections.deque[_Delivery] = collections.deque()
         self._isolating = False
-        # True when the last channel or connection closure may have been
-        # caused by a message in flight (an error code other than a forced
-        # close); the in-doubt messages are then sent one at a time.
+        # True when a message in flight may have caused the last channel or
+        # connection closure, because it came with an error code other than
+        # a forced close. The in-doubt messages are then sent one at a time.
         self._suspect = False
         self._since_flush = 0
         self._blocked = False
@@ -487,7 +487,7 @@ class Publisher:
                 raise BrokerUnavailable(self._describe_error())
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                raise BrokerUnavailable(f'no answer from RabbitMQ within {timeout:g} s')
+                raise BrokerUnavailable(f'RabbitMQ did not respond within {timeout:g} s (timed out)')
             self._poll_once(remaining)
 
     def _poll_until(self, condition: Callable[[], bool], timeout: float) -> None:
@@ -523,7 +523,7 @@ class Publisher:
 def _is_caused_by_message(reason: BaseException) -> bool:
     """Return whether the broker closed the channel or connection over an error.
 
-    A forced close (an operator, a broker shutdown) or a lost socket says
+    A forced close (an operator, a broker shutdown) or a lost socket tells
     nothing about the messages in flight.
     """
     return (isinstance(reason, (pika.exceptions.ConnectionClosedByBroker,

@@ -3,8 +3,8 @@
 :func:`client_context` turns ``rabbitmq/ssl_options`` into an
 :class:`ssl.SSLContext` and raises :class:`TLSConfigError` naming the
 option and file at fault. :func:`describe_handshake_failure` turns the
-error of a failed pika connection into one line that says why the TLS
-handshake failed and what to check.
+error of a failed pika connection into one line that explains why the
+TLS handshake failed and what to check.
 """
 from __future__ import annotations
 
@@ -14,9 +14,6 @@ import ssl
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from pika.adapters.utils.connection_workflow import (
-    AMQPConnectorStackTimeout, AMQPConnectorTransportSetupError)
-
 # Certificate verification results, from OpenSSL's include/openssl/x509_vfy.h.
 X509_V_ERR_CERT_NOT_YET_VALID = 9
 X509_V_ERR_CERT_HAS_EXPIRED = 10
@@ -24,8 +21,8 @@ X509_V_ERR_HOSTNAME_MISMATCH = 62
 X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 
 # OpenSSL reasons for a peer that does not speak TLS on that port, such as
-# RabbitMQ's plain AMQP listener, which answers a ClientHello with the AMQP
-# protocol header and closes the connection.
+# RabbitMQ's plain AMQP listener, which replies to a ClientHello with the
+# AMQP protocol header and closes the connection.
 NOT_TLS_REASONS = frozenset({'WRONG_VERSION_NUMBER', 'PACKET_LENGTH_TOO_LONG',
                              'RECORD_LAYER_FAILURE', 'UNEXPECTED_EOF_WHILE_READING',
                              'HTTP_REQUEST'})
@@ -50,11 +47,32 @@ SSL_REASON_IN_TEXT = re.compile(r'\[SSL: (?P<reason>[A-Z0-9_]+)\] (?P<text>[^(\'
 HASHED_CA_NAME = re.compile(r'^[0-9a-f]{8}\.r?[0-9]+$')
 
 
+# ssl.PROTOCOL_* names and their numbers, which ssl_options.protocol takes.
+PROTOCOLS = {name: int(getattr(ssl, name)) for name in dir(ssl)
+             if name.startswith('PROTOCOL_')}
+
+
 class TLSConfigError(Exception):
     """Raised when ``ssl_options`` name a file or value that cannot be used."""
 
 
-# -- building the context ----------------------------------------------------
+# -- checking and building the context ---------------------------------------
+
+def check_options(options: Mapping[str, Any]) -> list[str]:
+    """Return one problem per ``ssl_options`` value of the wrong type or range.
+
+    Reads no file, so that a configuration can be checked before the files
+    it names are in place. Problems start with "ssl_options.KEY".
+    """
+    problems = []
+    for key, check in _VALUE_CHECKS.items():
+        if options.get(key) is not None:
+            try:
+                check(options[key])
+            except TLSConfigError as error:
+                problems.append(str(error))
+    return problems
+
 
 def client_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     """Return a client SSLContext that verifies the server against the CAs given.
@@ -65,9 +83,18 @@ def client_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     Reads the files named in ``options``. Raises TLSConfigError naming the
     option and file at fault.
     """
-    context = _new_context(options.get('protocol'))
+    problems = check_options(options)
+    if problems:
+        raise TLSConfigError('; '.join(problems))
+    # An empty YAML value (None) means the default, as an absent key does.
+    protocol = _protocol_number(options.get('protocol') or ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context = ssl.SSLContext(protocol)
+    except (ValueError, OSError) as error:
+        raise TLSConfigError(f'ssl_options.protocol {protocol} is not usable with '
+                             f'{ssl.OPENSSL_VERSION}: {error}') from None
     context.verify_mode = ssl.CERT_REQUIRED
-    context.check_hostname = _verify_hostname(options.get('verify_hostname', True))
+    context.check_hostname = options.get('verify_hostname') is not False
 
     _load_verify_locations(context, options)
     if options.get('certfile') is not None:
@@ -80,57 +107,82 @@ def client_context(options: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
-def _new_context(protocol: Any) -> ssl.SSLContext:
-    if protocol is None:
-        protocol = ssl.PROTOCOL_TLS_CLIENT
-    elif isinstance(protocol, str) and protocol.startswith('PROTOCOL_'):
-        protocol = getattr(ssl, protocol, protocol)
-    if isinstance(protocol, bool) or not isinstance(protocol, int):
-        raise TLSConfigError(f'ssl_options.protocol must be an ssl.PROTOCOL_* number such '
-                             f'as {int(ssl.PROTOCOL_TLS_CLIENT)} (PROTOCOL_TLS_CLIENT), '
-                             f'got {protocol!r}')
-    if protocol == ssl.PROTOCOL_TLS_SERVER:
-        raise TLSConfigError(f'ssl_options.protocol {protocol} is PROTOCOL_TLS_SERVER, '
+def _protocol_number(value: Any) -> int:
+    number = PROTOCOLS.get(value, value) if isinstance(value, str) else value
+    if isinstance(number, bool) or number not in PROTOCOLS.values():
+        raise TLSConfigError(f'ssl_options.protocol must be an ssl.PROTOCOL_* number or '
+                             f'name such as {int(ssl.PROTOCOL_TLS_CLIENT)} or '
+                             f'PROTOCOL_TLS_CLIENT, got {value!r}')
+    if number == ssl.PROTOCOL_TLS_SERVER:
+        raise TLSConfigError(f'ssl_options.protocol {value!r} is PROTOCOL_TLS_SERVER, '
                              f'which only servers can use; leave protocol unset for '
                              f'PROTOCOL_TLS_CLIENT')
-    try:
-        return ssl.SSLContext(protocol)
-    except (ValueError, OSError) as error:
-        raise TLSConfigError(f'ssl_options.protocol {protocol} is not an ssl.PROTOCOL_* '
-                             f'number this Python supports: {error}') from None
+    return int(number)
 
 
-def _verify_hostname(value: Any) -> bool:
+def _check_verify_hostname(value: Any) -> None:
     # A string such as "no" would be true in Python, so only YAML's true and
     # false are accepted: turning the check off must be explicit.
     if not isinstance(value, bool):
         raise TLSConfigError(f'ssl_options.verify_hostname must be true or false, '
                              f'got {value!r}')
-    return value
 
 
-def _check_readable_file(option: str, path: Any) -> str:
-    """Return ``path`` after checking that it names a file this process can read."""
-    if not isinstance(path, str) or not path:
-        raise TLSConfigError(f'ssl_options.{option} must be the path of a file, got {path!r}')
+def _check_path(key: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, str) or not value:
+            raise TLSConfigError(f'ssl_options.{key} must be a path, got {value!r}')
+    return check
+
+
+def _check_ca_data(value: Any) -> None:
+    if not isinstance(value, (str, bytes)) or not value:
+        raise TLSConfigError(f'ssl_options.ca_data must be PEM text, got a value of '
+                             f'type {type(value).__name__}')
+
+
+def _check_password(value: Any) -> None:
+    # The value is a secret, so only its type is named.
+    if not isinstance(value, (str, bytes)):
+        raise TLSConfigError(f'ssl_options.password must be a string (quote it in '
+                             f'YAML), got a value of type {type(value).__name__}')
+
+
+def _check_ciphers(value: Any) -> None:
+    if not isinstance(value, str) or not value:
+        raise TLSConfigError(f'ssl_options.ciphers must be an OpenSSL cipher list such '
+                             f'as "ECDHE+AESGCM", got {value!r}')
+
+
+_VALUE_CHECKS: dict[str, Callable[[Any], Any]] = {
+    'ca_certs': _check_path('ca_certs'),
+    'ca_path': _check_path('ca_path'),
+    'ca_data': _check_ca_data,
+    'certfile': _check_path('certfile'),
+    'keyfile': _check_path('keyfile'),
+    'password': _check_password,
+    'ciphers': _check_ciphers,
+    'protocol': _protocol_number,
+    'verify_hostname': _check_verify_hostname,
+}
+
+
+def _read_file(key: str, path: str) -> bytes:
+    """Return the contents of the file that ssl_options.KEY names."""
     try:
-        with open(path, 'rb'):
-            pass
+        with open(path, 'rb') as handle:
+            return handle.read()
     except FileNotFoundError:
-        raise TLSConfigError(f'ssl_options.{option}: file not found: {path}') from None
+        raise TLSConfigError(f'ssl_options.{key}: file not found: {path}') from None
     except IsADirectoryError:
-        raise TLSConfigError(f'ssl_options.{option}: {path} is a directory, not a '
+        raise TLSConfigError(f'ssl_options.{key}: {path} is a directory, not a '
                              f'file') from None
     except OSError as error:
-        raise TLSConfigError(f'ssl_options.{option}: cannot read {path}: '
+        raise TLSConfigError(f'ssl_options.{key}: cannot read {path}: '
                              f'{error.strerror or error}') from None
-    return path
 
 
-def _check_ca_directory(path: Any) -> str:
-    if not isinstance(path, str) or not path:
-        raise TLSConfigError(f'ssl_options.ca_path must be the path of a directory, '
-                             f'got {path!r}')
+def _check_ca_directory(path: str) -> None:
     try:
         names = os.listdir(path)
     except FileNotFoundError:
@@ -141,12 +193,11 @@ def _check_ca_directory(path: Any) -> str:
     except OSError as error:
         raise TLSConfigError(f'ssl_options.ca_path: cannot read {path}: '
                              f'{error.strerror or error}') from None
-    # OpenSSL reads the directory only during a handshake, and then finds a
-    # CA only under its hashed name; without any, every handshake fails.
+    # OpenSSL reads the directory only during a handshake, and it finds a CA
+    # there only under its hashed name, so without one every handshake fails.
     if not any(HASHED_CA_NAME.match(name) for name in names):
         raise TLSConfigError(f'ssl_options.ca_path: {path} contains no certificates named '
                              f'by subject hash; run "openssl rehash {path}"')
-    return path
 
 
 def _load_verify_locations(context: ssl.SSLContext, options: Mapping[str, Any]) -> None:
@@ -158,18 +209,16 @@ def _load_verify_locations(context: ssl.SSLContext, options: Mapping[str, Any]) 
         return
 
     if cafile is not None:
-        _check_readable_file('ca_certs', cafile)
+        _read_file('ca_certs', cafile)
         try:
             context.load_verify_locations(cafile=cafile)
         except ssl.SSLError as error:
             raise TLSConfigError(f'ssl_options.ca_certs: {cafile} contains no valid PEM '
                                  f'certificate: {_ssl_text(error)}') from None
     if capath is not None:
-        context.load_verify_locations(capath=_check_ca_directory(capath))
+        _check_ca_directory(capath)
+        context.load_verify_locations(capath=capath)
     if cadata is not None:
-        if not isinstance(cadata, (str, bytes)) or not cadata:
-            raise TLSConfigError('ssl_options.ca_data must be PEM text, got '
-                                 f'{type(cadata).__name__}')
         try:
             context.load_verify_locations(cadata=cadata)
         except ssl.SSLError as error:
@@ -178,17 +227,18 @@ def _load_verify_locations(context: ssl.SSLContext, options: Mapping[str, Any]) 
 
 
 def _load_cert_chain(context: ssl.SSLContext, options: Mapping[str, Any]) -> None:
-    certfile = _check_readable_file('certfile', options['certfile'])
+    certfile = options['certfile']
     key_option = 'keyfile' if options.get('keyfile') is not None else 'certfile'
-    keyfile = _check_readable_file(key_option, options[key_option])
-    if not _contains(certfile, b'-----BEGIN CERTIFICATE-----'):
+    keyfile = options[key_option]
+    if b'-----BEGIN CERTIFICATE-----' not in _read_file('certfile', certfile):
         raise TLSConfigError(f'ssl_options.certfile: {certfile} contains no PEM '
                              f'certificate')
-    if not _contains(keyfile, b'PRIVATE KEY-----'):
+    key_pem = _read_file(key_option, keyfile)
+    if b'PRIVATE KEY-----' not in key_pem:
         raise TLSConfigError(f'ssl_options.{key_option}: {keyfile} contains no PEM '
                              f'private key')
-    encrypted = (_contains(keyfile, b'-----BEGIN ENCRYPTED PRIVATE KEY-----')
-                 or _contains(keyfile, b'Proc-Type: 4,ENCRYPTED'))
+    encrypted = (b'-----BEGIN ENCRYPTED PRIVATE KEY-----' in key_pem
+                 or b'Proc-Type: 4,ENCRYPTED' in key_pem)
     try:
         context.load_cert_chain(certfile, keyfile, _key_password(options, keyfile))
     except ssl.SSLError as error:
@@ -205,35 +255,24 @@ def _load_cert_chain(context: ssl.SSLContext, options: Mapping[str, Any]) -> Non
 
 def _key_password(options: Mapping[str, Any],
                   keyfile: str) -> str | bytes | Callable[[], str]:
-    password = options.get('password')
-    if password is None:
-        # Without a callback OpenSSL would prompt on the terminal for the
-        # password of an encrypted key; the callback runs only for one.
-        def missing_password() -> str:
-            raise TLSConfigError(f'ssl_options: the private key in {keyfile} is '
-                                 f'encrypted; set ssl_options.password')
-        return missing_password
-    if not isinstance(password, (str, bytes)):
-        # The value is a secret, so only its type is named.
-        raise TLSConfigError(f'ssl_options.password must be a string (quote it in YAML), '
-                             f'got a {type(password).__name__}')
-    return password
+    password: str | bytes | None = options.get('password')
+    if password is not None:
+        return password
+
+    # Without a callback OpenSSL would prompt on the terminal for the
+    # password of an encrypted key. The callback runs only for such a key.
+    def missing_password() -> str:
+        raise TLSConfigError(f'ssl_options: the private key in {keyfile} is '
+                             f'encrypted; set ssl_options.password')
+    return missing_password
 
 
-def _set_ciphers(context: ssl.SSLContext, ciphers: Any) -> None:
-    if not isinstance(ciphers, str) or not ciphers:
-        raise TLSConfigError(f'ssl_options.ciphers must be an OpenSSL cipher list such as '
-                             f'"ECDHE+AESGCM", got {ciphers!r}')
+def _set_ciphers(context: ssl.SSLContext, ciphers: str) -> None:
     try:
         context.set_ciphers(ciphers)
     except ssl.SSLError:
         raise TLSConfigError(f'ssl_options.ciphers {ciphers!r} selects no cipher that '
-                             f'OpenSSL {ssl.OPENSSL_VERSION.split()[1]} supports') from None
-
-
-def _contains(path: str, marker: bytes) -> bool:
-    with open(path, 'rb') as handle:
-        return marker in handle.read()
+                             f'{ssl.OPENSSL_VERSION} supports') from None
 
 
 def _ssl_text(error: ssl.SSLError) -> str:
@@ -248,10 +287,15 @@ def _ssl_text(error: ssl.SSLError) -> str:
 def describe_handshake_failure(error: BaseException, host: str, port: int) -> str | None:
     """Return one line on why the TLS handshake with ``host:port`` failed.
 
-    ``error`` is what pika reported for a failed connection; the SSL error
+    ``error`` is what pika reported for a failed connection. The SSL error
     is searched for among the exceptions it wraps. Returns None when the
     failure was not in the TLS handshake.
     """
+    # Imported here so that configuration checks, which use check_options,
+    # do not import pika.
+    from pika.adapters.utils.connection_workflow import (
+        AMQPConnectorStackTimeout, AMQPConnectorTransportSetupError)
+
     where = f'TLS handshake with {host}:{port} failed'
     for cause in _causes(error):
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -337,7 +381,7 @@ URL_QUERY_OPTIONS = {'cacertfile': 'ca_certs', 'certfile': 'certfile',
 def options_from_url_query(query: Mapping[str, list[str]]) -> dict[str, Any]:
     """Return the ssl_options that the query parameters of an amqps:// URL set.
 
-    ``query`` is what :func:`urllib.parse.parse_qs` returns; the last value
+    ``query`` is what :func:`urllib.parse.parse_qs` returns. The last value
     of a repeated parameter wins, and parameters that are not about TLS are
     ignored. Raises ValueError for ``verify=verify_none``, because mikkoo
     always verifies the server, and for ``server_name_indication``, which

@@ -49,7 +49,7 @@ FRAME_CHECK_THRESHOLD = 2048
 
 @dataclasses.dataclass
 class BatchResult:
-    """What became of the events of one batch."""
+    """Counts and out-of-retry events of one batch."""
 
     delivered: int = 0
     failed: int = 0
@@ -61,7 +61,7 @@ class BatchResult:
 def dead_letter(event: Event, reason: str, exchange: str, queue: str) -> Message:
     """Return the message that reports ``event`` as undeliverable to ``exchange``.
 
-    The body is the event's data; the headers say where it was meant to go
+    The body is the event's data. The headers name where it was meant to go
     and why it failed, so that the event can be inspected and replayed.
     """
     headers = {
