@@ -24,8 +24,9 @@ X509_V_ERR_IP_ADDRESS_MISMATCH = 64
 # RabbitMQ's plain AMQP listener, which replies to a ClientHello with the
 # AMQP protocol header and closes the connection.
 NOT_TLS_REASONS = frozenset({'WRONG_VERSION_NUMBER', 'PACKET_LENGTH_TOO_LONG',
-                             'RECORD_LAYER_FAILURE', 'UNEXPECTED_EOF_WHILE_READING',
-                             'HTTP_REQUEST'})
+                             'RECORD_LAYER_FAILURE', 'HTTP_REQUEST'})
+# The reason of a connection closed in the middle of the handshake.
+EOF_REASONS = frozenset({'UNEXPECTED_EOF_WHILE_READING'})
 # TLS alerts of a server that requires a client certificate and got none.
 CERTIFICATE_REQUIRED_REASONS = frozenset({'TLSV13_ALERT_CERTIFICATE_REQUIRED'})
 # TLS alerts of a server that rejected the client certificate sent.
@@ -41,6 +42,10 @@ PROTOCOL_VERSION_REASONS = frozenset({'UNSUPPORTED_PROTOCOL', 'NO_PROTOCOLS_AVAI
 # the handshake (a TLS 1.3 server checks the client certificate then), so
 # the OpenSSL reason is also looked for in the text: "[SSL: REASON] text (_ssl.c".
 SSL_REASON_IN_TEXT = re.compile(r'\[SSL: (?P<reason>[A-Z0-9_]+)\] (?P<text>[^(\'"]*)')
+# An SSLEOFError as it appears in that text. A server that rejects the
+# client certificate and resets the connection at once can cause one,
+# because the reset discards its alert before the client reads it.
+SSL_EOF_IN_TEXT = re.compile(r'SSLEOFError\(\d+, [\'"](?P<text>[^(\'"]*)')
 
 # File names OpenSSL looks up in a CA directory: the subject hash, a dot
 # and a number, as made by ``openssl rehash``.
@@ -301,15 +306,23 @@ def describe_handshake_failure(error: BaseException, host: str, port: int) -> st
         if isinstance(cause, ssl.SSLCertVerificationError):
             return f'{where}: {_explain_verification(cause, host)}'
         if isinstance(cause, ssl.SSLError):
-            return f'{where}: {_explain_reason(cause.reason or "", _ssl_text(cause), port)}'
+            # OpenSSL gives no reason for a connection closed mid-handshake.
+            reason = getattr(cause, 'reason', None) or ''
+            if not reason and isinstance(cause, ssl.SSLEOFError):
+                reason = 'UNEXPECTED_EOF_WHILE_READING'
+            return f'{where}: {_explain_reason(reason, _ssl_text(cause), port)}'
         if (isinstance(cause, AMQPConnectorTransportSetupError)
                 and isinstance(cause.exception, AMQPConnectorStackTimeout)):
             return (f'{where}: timed out; check that port {port} is a TLS listener '
                     f'and that nothing between drops the traffic')
     for cause in _causes(error):
-        match = SSL_REASON_IN_TEXT.search(str(cause))
-        if match:
-            return f'{where}: {_explain_reason(match["reason"], match["text"].strip(), port)}'
+        if match := SSL_REASON_IN_TEXT.search(str(cause)):
+            reason = match['reason']
+        elif match := SSL_EOF_IN_TEXT.search(str(cause)):
+            reason = 'UNEXPECTED_EOF_WHILE_READING'
+        else:
+            continue
+        return f'{where}: {_explain_reason(reason, match["text"].strip(), port)}'
     return None
 
 
@@ -355,6 +368,10 @@ def _explain_reason(reason: str, text: str, port: int) -> str:
     if reason in NOT_TLS_REASONS:
         return (f'the server did not answer in TLS ({text}); check that port {port} '
                 f'is a TLS listener (RabbitMQ uses 5671 for TLS, 5672 for plain AMQP)')
+    if reason in EOF_REASONS:
+        return (f'the server closed the connection ({text}); check that port {port} is '
+                f'a TLS listener and, if the server requires a client certificate, '
+                f'that ssl_options.certfile names one signed by a CA the server trusts')
     if reason in CERTIFICATE_REQUIRED_REASONS:
         return (f'the server requires a client certificate ({text}); set '
                 f'ssl_options.certfile and keyfile')
