@@ -24,7 +24,8 @@ setup(
     ],
     extras_require={
         'sentry': ['sentry-sdk>=2'],
-        'test': ['pytest>=8', 'mypy>=1.10', 'types-PyYAML', 'types-psycopg2'],
+        'test': ['pytest>=8', 'mypy>=1.10', 'types-PyYAML', 'types-psycopg2',
+                 'cryptography', 'hypothesis'],
     },
     entry_points={'console_scripts': [
         'mikkoo=mikkoo.cli:main',

@@ -92,8 +92,10 @@ def configure_logging(settings: Settings, foreground: bool) -> None:
     """
     if settings.logging is None:
         logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
-        # pika narrates every connection step at INFO.
-        logging.getLogger('pika').setLevel(logging.WARNING)
+        # pika narrates every connection step at INFO, and logs each failed
+        # connection as several ERROR lines with a traceback. mikkoo logs
+        # every failure itself, in one line with its cause.
+        logging.getLogger('pika').setLevel(logging.CRITICAL)
         return
     config = _without_debug_only_handlers(copy.deepcopy(settings.logging), foreground)
     config.setdefault('version', 1)

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from mikkoo import tls
+
 LOGGER = logging.getLogger(__name__)
 
 AMQP_PORT = 5672
@@ -398,6 +400,8 @@ def _rabbitmq(collector: _Collector, section: dict[str, Any] | None,
                 collector.problems.append(
                     f'{where}.rabbitmq.ssl_options.{key}: unknown key; expected one of '
                     f'{", ".join(SSL_OPTION_KEYS)}')
+        for problem in tls.check_options(ssl_options):
+            collector.problems.append(f'{where}.rabbitmq.{problem}')
     if values['port'] is None:
         values['port'] = AMQP_PORT if ssl_options is None else AMQPS_PORT
     return RabbitMQSettings(**values)
@@ -418,19 +422,20 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
         port = 0
     if port == 0:
         raise ValueError(f'invalid port in {mask_url(url)!r}; use 1 to 65535')
-    tls = parts.scheme == 'amqps'
+    secure = parts.scheme == 'amqps'
     query = urllib.parse.parse_qs(parts.query)
+    ssl_options = tls.options_from_url_query(query) if secure else None
     heartbeat = query.get('heartbeat', query.get('heartbeat_interval', ['300']))[0]
     if not heartbeat.isdigit():
         raise ValueError(f'heartbeat must be a whole number of seconds, got {heartbeat!r}')
     vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else '/'
     return RabbitMQSettings(
         host=parts.hostname or 'localhost',
-        port=port or (AMQPS_PORT if tls else AMQP_PORT),
+        port=port or (AMQPS_PORT if secure else AMQP_PORT),
         vhost=vhost,
         username=urllib.parse.unquote(parts.username or 'guest'),
         password=urllib.parse.unquote(parts.password or 'guest'),
-        ssl_options={} if tls else None,
+        ssl_options=ssl_options,
         heartbeat_interval=int(heartbeat))
 
 

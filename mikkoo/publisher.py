@@ -27,6 +27,8 @@ import pika.exceptions
 import pika.frame
 import pika.spec
 from pika.adapters.select_connection import IOLoop
+from pika.adapters.utils.connection_workflow import (
+    AMQPConnectionWorkflowFailed, AMQPConnectorPhaseErrorBase)
 
 from mikkoo import tls
 from mikkoo.config import RabbitMQSettings
@@ -36,6 +38,10 @@ LOGGER = logging.getLogger(__name__)
 
 # Seconds to wait for the broker to respond to a connection or channel request.
 RPC_TIMEOUT = 30.0
+# Seconds pika may take to open a connection: TCP connect, TLS handshake
+# and AMQP handshake. It is shorter than the wait in Publisher.connect, so
+# that pika's own timeout fires first and reports the phase that hung.
+CONNECT_TIMEOUT = 20.0
 # Publishes between two I/O loop turns when confirmations are off.
 UNCONFIRMED_FLUSH_EVERY = 256
 # AMQP reply codes of a connection the broker closed for a reason of its
@@ -69,7 +75,7 @@ def connection_parameters(settings: RabbitMQSettings, name: str) -> pika.Connect
         host=settings.host, port=settings.port, virtual_host=settings.vhost,
         credentials=pika.PlainCredentials(settings.username, settings.password),
         heartbeat=settings.heartbeat_interval, ssl_options=ssl_options,
-        connection_attempts=1, socket_timeout=10, stack_timeout=RPC_TIMEOUT,
+        connection_attempts=1, socket_timeout=10, stack_timeout=CONNECT_TIMEOUT,
         client_properties={'connection_name': name})
 
 
@@ -142,7 +148,7 @@ class Publisher:
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop)
         self._run_until(lambda: self._channel is not None and self._channel.is_open
-                        and not self._channel_opening, RPC_TIMEOUT)
+                        and not self._channel_opening, CONNECT_TIMEOUT + RPC_TIMEOUT)
         self._known_exchanges.clear()
 
     def close(self) -> None:
@@ -517,7 +523,27 @@ class Publisher:
         error = self._connection_error
         if error is None:
             return 'not connected to RabbitMQ'
-        return f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
+        if self.settings.ssl_options is not None:
+            failure = tls.describe_handshake_failure(error, self.settings.host,
+                                                     self.settings.port)
+            if failure is not None:
+                return failure
+        cause = _root_cause(error)
+        return f'{type(cause).__name__}: {cause}' if str(cause) else type(cause).__name__
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """Return the innermost of the errors that pika wraps a connection failure in."""
+    while True:
+        if isinstance(error, AMQPConnectionWorkflowFailed) and error.exceptions:
+            error = error.exceptions[-1]
+        elif isinstance(error, AMQPConnectorPhaseErrorBase):
+            error = error.exception
+        elif (isinstance(error, pika.exceptions.AMQPConnectionError) and error.args
+              and isinstance(error.args[0], BaseException)):
+            error = error.args[0]
+        else:
+            return error
 
 
 def _is_caused_by_message(reason: BaseException) -> bool:

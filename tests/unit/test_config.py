@@ -582,7 +582,11 @@ def test_ssl_options_explicit_port(tmp_path: Path) -> None:
 
 def test_every_ssl_option_accepted(tmp_path: Path) -> None:
     document = minimal_document()
-    ssl_options = {key: 'x' for key in config.SSL_OPTION_KEYS}
+    ssl_options = {'ca_certs': '/etc/ca.pem', 'ca_path': '/etc/ca', 'ca_data': 'PEM',
+                   'protocol': 'PROTOCOL_TLS_CLIENT', 'certfile': '/etc/c.pem',
+                   'keyfile': '/etc/c.key', 'password': 'x', 'ciphers': 'HIGH',
+                   'verify_hostname': True}
+    assert set(ssl_options) == set(config.SSL_OPTION_KEYS)
     set_key(document, (*RABBITMQ, 'ssl_options'), ssl_options)
 
     rabbitmq = load_document(tmp_path, document).workers['orders'].rabbitmq
