@@ -92,10 +92,7 @@ def configure_logging(settings: Settings, foreground: bool) -> None:
     """
     if settings.logging is None:
         logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
-        # pika narrates every connection step at INFO, and logs each failed
-        # connection as several ERROR lines with a traceback. mikkoo logs
-        # every failure itself, in one line with its cause.
-        logging.getLogger('pika').setLevel(logging.CRITICAL)
+        _quiet_pika()
         return
     config = _without_debug_only_handlers(copy.deepcopy(settings.logging), foreground)
     config.setdefault('version', 1)
@@ -105,6 +102,16 @@ def configure_logging(settings: Settings, foreground: bool) -> None:
     except (ValueError, TypeError, AttributeError, ImportError) as error:
         raise ConfigError(settings.path, [f'Logging: invalid logging configuration: '
                                           f'{" ".join(str(error).split())}']) from None
+    if 'pika' not in (config.get('loggers') or {}):
+        _quiet_pika()
+
+
+def _quiet_pika() -> None:
+    # pika narrates every connection step at INFO, and logs each failed
+    # connection as several ERROR lines with a traceback. mikkoo logs every
+    # failure itself, in one line with its cause. A Logging section that
+    # configures the pika logger keeps its own level.
+    logging.getLogger('pika').setLevel(logging.CRITICAL)
 
 
 def _without_debug_only_handlers(config: dict[str, Any], foreground: bool) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import pwd
 import re
 import urllib.parse
@@ -141,7 +142,8 @@ def _seconds(value: Any) -> float:
 
 
 def _positive_seconds(value: Any) -> float:
-    if _seconds(value) <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value <= 0):
         raise ValueError('a number of seconds greater than 0')
     return float(value)
 
@@ -215,7 +217,7 @@ QUEUE_OPTIONS = (
            'Wait for RabbitMQ publisher confirmations before finishing a batch.'),
     Option('consumer_name', _text, 'mikkoo', 'PgQ consumer name.'),
     Option('max_failures', _count, 10,
-           'Failed deliveries of an event before it is discarded.'),
+           'Retries of a failed event before it is discarded.'),
     Option('retry_delay', _seconds, 10.0,
            'Seconds until PgQ hands a failed event back.',
            aliases=('retry_interval',)),
@@ -324,6 +326,9 @@ def load(path: str) -> Settings:
     Raises ConfigError listing every problem when the file is missing,
     unreadable, not YAML, or contains invalid values.
     """
+    # The daemon changes its directory to /, and a reload reads the file
+    # again from there.
+    path = os.path.abspath(path)
     document = _read(path)
     collector = _Collector()
     root = collector.section(document, 'top level')
