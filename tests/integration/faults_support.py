@@ -18,7 +18,9 @@ import dataclasses
 import json
 import os
 import re
+import select
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -265,6 +267,106 @@ def run_command(*command: str, timeout: float = COMMAND_TIMEOUT,
             f'{" ".join(command)} exited with {result.returncode}:\n'
             f'{result.stdout}\n{result.stderr}')
     return result
+
+
+# -- a TCP proxy in front of RabbitMQ ------------------------------------------------
+
+class _Link:
+    """One client connection through the proxy and its upstream connection."""
+
+    def __init__(self, client: socket.socket, upstream: socket.socket) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.frozen = False
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        for side in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                side.shutdown(socket.SHUT_RDWR)
+            side.close()
+
+
+class TCPProxy:
+    """Forward loopback connections to RabbitMQ, so a test can break them.
+
+    :meth:`freeze` stops forwarding on the connections open at that moment
+    while they stay open, like a network that drops every packet; later
+    connections pass. :meth:`cut` closes the open connections at the TCP
+    level, without an AMQP close, like a lost network.
+    """
+
+    def __init__(self, target: tuple[str, int] = ('127.0.0.1', 5672)) -> None:
+        self.target = target
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.links: list[_Link] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, name='proxy accept', daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _address = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            link = _Link(client, upstream)
+            with self._lock:
+                self.links.append(link)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._forward, args=(link, source, sink),
+                                 name='proxy forward', daemon=True).start()
+
+    @staticmethod
+    def _forward(link: _Link, source: socket.socket, sink: socket.socket) -> None:
+        while not link.closed:
+            if link.frozen:
+                time.sleep(0.05)
+                continue
+            readable, _, _ = select.select([source], [], [], 0.1)
+            if not readable:
+                continue
+            try:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+            except OSError:
+                break
+        if not link.frozen:
+            link.close()
+
+    def open_links(self) -> list[_Link]:
+        with self._lock:
+            return [link for link in self.links if not link.closed]
+
+    def freeze(self) -> int:
+        """Stop forwarding on every open connection; return how many."""
+        links = self.open_links()
+        for link in links:
+            link.frozen = True
+        return len(links)
+
+    def cut(self) -> int:
+        """Close every open connection at the TCP level; return how many."""
+        links = self.open_links()
+        for link in links:
+            link.close()
+        return len(links)
+
+    def close(self) -> None:
+        self._closed = True
+        self.listener.close()
+        for link in self.open_links():
+            link.close()
 
 
 # -- RabbitMQ ------------------------------------------------------------------

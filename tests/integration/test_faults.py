@@ -39,6 +39,10 @@ BATCH = 50_000
 COLLECT_TIMEOUT = 120.0
 # The maximum CPU share of one core a waiting worker may use.
 IDLE_CPU_SHARE = 0.2
+# Seconds a worker gets to stop after SIGTERM before the controller kills
+# it, and the seconds within which the tests expect it to stop by itself.
+SHUTDOWN_TIMEOUT = 30
+STOP_SECONDS = 15
 
 
 @pytest.fixture(scope='module')
@@ -88,6 +92,12 @@ class Relay:
         return self.process.log_lines(r'connected to RabbitMQ at')
 
 
+def assert_stopped_by_itself(relay: Relay) -> None:
+    """Check that the worker exited after SIGTERM without being killed."""
+    assert not relay.process.log_lines(r'did not stop within'), relay.process.describe()
+    assert relay.process.log_lines(rf'INFO\b.*worker for queue {relay.pgq_queue} stopped$')
+
+
 def relay_options(url: str, credentials: Credentials,
                   rabbitmq: dict[str, Any] | None = None, **options: Any) -> dict[str, Any]:
     """Worker options that log in to both services with a password.
@@ -103,14 +113,16 @@ def relay_options(url: str, credentials: Credentials,
 
 def start_relay(run_mikkoo: MikkooRunner, url: str, amqp: AMQPHelper,
                 credentials: Credentials, queue: str | None = None,
-                **options: Any) -> Relay:
+                application: dict[str, Any] | None = None, **options: Any) -> Relay:
     """Start mikkoo on a new PgQ queue; wait until it is connected to both services.
 
-    Events go to ``queue`` (by default a new one) through the default exchange.
+    Events go to ``queue`` (by default a new one) through the default
+    exchange. ``application`` sets options of the Application section.
     """
     pgq_queue = unique_name('fault')
     queue = queue or amqp.declare_queue()
-    config = mikkoo_config({pgq_queue: relay_options(url, credentials, **options)})
+    config = mikkoo_config({pgq_queue: relay_options(url, credentials, **options)},
+                           **(application or {}))
     process = run_mikkoo(config)
     process.wait_registered(url, pgq_queue)
     process.wait_for_log(r'connected to RabbitMQ at')
@@ -177,6 +189,81 @@ def test_rabbitmq_app_restarted_mid_batch(pg_database: str, amqp: AMQPHelper,
     assert relay.process.returncode is None
 
 
+@pytest.fixture()
+def proxy() -> Iterator[faults.TCPProxy]:
+    """A TCP proxy to RabbitMQ that the test can freeze or cut."""
+    proxy = faults.TCPProxy()
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+
+
+def test_tcp_connection_cut_mid_batch(pg_database: str, amqp: AMQPHelper,
+                                      run_mikkoo: MikkooRunner, credentials: Credentials,
+                                      proxy: faults.TCPProxy) -> None:
+    """The network drops the connection without an AMQP close."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials,
+                        rabbitmq={'port': proxy.port})
+
+    ids = relay.send(BATCH)
+    faults.wait_mid_batch(amqp, relay.queue, BATCH, relay.process)
+    assert proxy.cut() == 1
+
+    tally = relay.collect('tcp connection cut mid-batch', ids)
+    faults.assert_all_arrived(tally)
+    assert relay.process.log_lines(r'WARNING\b.*lost the RabbitMQ connection')
+    assert len(relay.connected_lines()) == 2
+
+
+def test_hung_connection_found_by_heartbeat(pg_database: str, amqp: AMQPHelper,
+                                            run_mikkoo: MikkooRunner,
+                                            credentials: Credentials,
+                                            proxy: faults.TCPProxy) -> None:
+    """The connection stops passing data but stays open; missed heartbeats
+    make the relay reconnect and publish the messages in doubt again."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials,
+                        rabbitmq={'port': proxy.port, 'heartbeat_interval': 2})
+
+    ids = relay.send(BATCH)
+    faults.wait_mid_batch(amqp, relay.queue, BATCH, relay.process)
+    assert proxy.freeze() == 1
+
+    tally = relay.collect('connection hangs mid-batch', ids)
+    faults.assert_all_arrived(tally)
+    assert relay.process.log_lines(r'WARNING\b.*lost the RabbitMQ connection')
+    assert len(relay.connected_lines()) == 2
+
+
+def test_sigterm_while_connection_hangs(pg_database: str, amqp: AMQPHelper,
+                                        run_mikkoo: MikkooRunner,
+                                        credentials: Credentials,
+                                        proxy: faults.TCPProxy) -> None:
+    """A worker waiting for confirmations that never come still stops on
+    SIGTERM, leaving its batch for the next start."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, unregister=False,
+                        rabbitmq={'port': proxy.port, 'heartbeat_interval': 60},
+                        application={'shutdown_timeout': SHUTDOWN_TIMEOUT})
+    ids = relay.send(BATCH)
+    faults.wait_mid_batch(amqp, relay.queue, BATCH, relay.process)
+    assert proxy.freeze() == 1
+    time.sleep(0.5)
+
+    started = time.monotonic()
+    relay.process.send(signal.SIGTERM)
+    status = relay.process.wait(timeout=SHUTDOWN_TIMEOUT + 30)
+    seconds = time.monotonic() - started
+
+    second = run_mikkoo(relay.config)
+    tally = relay.collect('sigterm while connection hangs', ids)
+    print(f'stopped in {seconds:.1f} s while the connection hung')
+    faults.assert_all_arrived(tally)
+    assert second.returncode is None
+    assert status == 0, relay.process.describe()
+    assert seconds < STOP_SECONDS
+    assert_stopped_by_itself(relay)
+
+
 # -- PostgreSQL faults -------------------------------------------------------------
 
 def test_relay_session_terminated_mid_batch(pg_database: str, amqp: AMQPHelper,
@@ -241,7 +328,8 @@ def test_sigterm_during_large_batch(pg_database: str, amqp: AMQPHelper,
     """SIGTERM while a batch of 100,000 events is in flight: the relay
     stops soon, leaves the batch unfinished and relays it after a restart."""
     total = 100_000
-    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, unregister=False)
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, unregister=False,
+                        application={'shutdown_timeout': SHUTDOWN_TIMEOUT})
     ids = relay.send(total)
     faults.wait_mid_batch(amqp, relay.queue, total, relay.process, at_least=2000)
 
@@ -251,7 +339,8 @@ def test_sigterm_during_large_batch(pg_database: str, amqp: AMQPHelper,
     seconds = time.monotonic() - started
 
     assert status == 0, relay.process.describe()
-    assert seconds < 15
+    assert seconds < STOP_SECONDS
+    assert_stopped_by_itself(relay)
     assert relay.process.log_lines(r'leaving batch \d+ unfinished')
     assert consumer_registered(pg_database, relay.pgq_queue)
     published = amqp.message_count(relay.queue)
@@ -262,6 +351,35 @@ def test_sigterm_during_large_batch(pg_database: str, amqp: AMQPHelper,
     print(f'stopped in {seconds:.1f} s with {published} of {total} messages published')
     faults.assert_all_arrived(tally)
     assert second.returncode is None
+
+
+def test_frozen_worker_killed_at_deadline(pg_database: str, amqp: AMQPHelper,
+                                          run_mikkoo: MikkooRunner,
+                                          credentials: Credentials) -> None:
+    """A worker that cannot act on SIGTERM (stopped with SIGSTOP) is killed
+    once at shutdown_timeout; its batch is relayed after a restart."""
+    shutdown_timeout = 2
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, unregister=False,
+                        application={'shutdown_timeout': shutdown_timeout})
+    pid = relay.worker_pid()
+    ids = relay.send(BATCH)
+    faults.wait_mid_batch(amqp, relay.queue, BATCH, relay.process)
+    os.kill(pid, signal.SIGSTOP)
+
+    started = time.monotonic()
+    relay.process.send(signal.SIGTERM)
+    status = relay.process.wait(timeout=30)
+    seconds = time.monotonic() - started
+
+    second = run_mikkoo(relay.config)
+    tally = relay.collect('worker frozen, killed at shutdown deadline', ids)
+    faults.assert_all_arrived(tally)
+    assert second.returncode is None
+    assert status == 0, relay.process.describe()
+    assert shutdown_timeout <= seconds < shutdown_timeout + 5
+    assert relay.process.log_lines(rf'worker for queue {relay.pgq_queue} was killed by '
+                                   'SIGKILL')
+    assert len(relay.process.log_lines(r'ERROR\b.*did not stop within')) == 1
 
 
 # -- refusals by the broker ----------------------------------------------------------
