@@ -466,6 +466,64 @@ def test_missing_exchange_among_thousand(pg_database: str, amqp: AMQPHelper,
     assert amqp.expect_no_message(relay.queue, wait=0.5) == []
 
 
+def test_exchange_deleted_while_relaying(pg_database: str, amqp: AMQPHelper,
+                                        run_mikkoo: MikkooRunner,
+                                        credentials: Credentials) -> None:
+    """An exchange the relay has used before is deleted: publishing to it
+    makes the broker close the channel, and only its events fail."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, retry_delay=0,
+                        max_failures=1)
+    exchange = amqp.declare_exchange('fanout')
+    amqp.bind(relay.queue, exchange)
+    first = relay.send(10, exchange=exchange)
+    known = relay.collect('exchange known to the relay', first, timeout=30)
+    assert known.lost == []
+    amqp.channel.exchange_delete(exchange)
+    amqp.exchanges.remove(exchange)
+    doomed = {number for number in range(11, 1011) if number % 100 == 0}
+
+    with faults.retry_pump(pg_database, relay.pgq_queue):
+        ids = relay.send(1000, first=11, exchanges=dict.fromkeys(doomed, exchange))
+        tally = relay.collect('exchange deleted while relaying', set(ids) - doomed,
+                              timeout=60)
+        wait_until(lambda: len(relay.process.log_lines(r'discarding event')) >= len(doomed),
+                   30, message=lambda: f'{len(doomed)} discards\n{relay.process.describe()}')
+
+    faults.assert_all_arrived(tally)
+    discards = relay.process.log_lines(r'WARNING\b.*discarding event')
+    assert len(discards) == len(doomed)
+    assert all(exchange in line for line in discards)
+    assert relay.process.returncode is None
+
+
+def test_channel_error_fails_one_event(pg_database: str, amqp: AMQPHelper,
+                                       run_mikkoo: MikkooRunner,
+                                       credentials: Credentials) -> None:
+    """RabbitMQ closes the channel on a user_id property that is not the
+    connection's user; the messages in flight are sent again one at a time,
+    so that only the event at fault fails."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, retry_delay=0,
+                        max_failures=1)
+    events = [dict(ev_type=relay.queue, data=json.dumps({'id': number}))
+              for number in range(1, 1001)]
+    events.insert(500, dict(ev_type=relay.queue, data=json.dumps({'id': 0}),
+                            extra3=json.dumps({'user_id': 'somebody_else'})))
+
+    with faults.retry_pump(pg_database, relay.pgq_queue):
+        inserted = insert_events(pg_database, relay.pgq_queue, events)
+        tick(pg_database, relay.pgq_queue)
+        bad_id = inserted[500].id
+        tally = relay.collect('channel closed by one event', range(1, 1001), timeout=60)
+        [line] = relay.process.wait_for_log(rf'WARNING\b.*discarding event {bad_id}\b',
+                                            timeout=30)
+
+    faults.assert_all_arrived(tally)
+    assert 'user_id' in line
+    assert len(relay.process.log_lines(r'discarding event')) == 1
+    assert relay.process.log_lines(r'WARNING\b.*closed the channel')
+    assert relay.process.returncode is None
+
+
 def test_dead_letter_exchange_gets_exhausted_event(pg_database: str, amqp: AMQPHelper,
                                                    run_mikkoo: MikkooRunner,
                                                    credentials: Credentials) -> None:
