@@ -24,7 +24,11 @@ PGQ_CURSOR = 'benchmark_batch'
 
 
 class PublishFailed(Exception):
-    """Raised when the broker rejected a message or the connection failed."""
+    """Raised when the broker rejected a message or the run timed out."""
+
+
+class ConnectionLost(PublishFailed):
+    """Raised when the connection could not open or closed before the run ended."""
 
 
 class PipelinedPublisher:
@@ -32,10 +36,10 @@ class PipelinedPublisher:
 
     With ``confirm`` on, at most ``window`` messages wait for their ack, and
     acks with ``multiple`` set settle every tag up to theirs. With it off, a
-    Basic.Qos round trip follows every quarter window of messages, at most
-    ``window`` messages are sent but not yet proven routed by its reply,
-    and the run ends when a passive queue declare counts all ``count``
-    messages in the queue.
+    Basic.Qos round trip follows every quarter window of messages. At most
+    ``window`` messages are sent but not yet proven routed by its reply.
+    The run ends when a passive queue declare counts all ``count`` messages
+    in the queue.
     """
 
     def __init__(self, queue: str, count: int, *, confirm: bool, window: int,
@@ -55,13 +59,15 @@ class PipelinedPublisher:
         self._started = 0.0
         self._finished = 0.0
         self._error: str | None = None
+        self._connection_lost = False
         self._connection: pika.SelectConnection | None = None
         self._channel: pika.channel.Channel | None = None
 
     def run(self) -> float:
         """Connect, publish every message and return the seconds from first publish to last.
 
-        Blocks while the I/O loop runs. Raises PublishFailed.
+        Blocks while the I/O loop runs. Raises ConnectionLost, or
+        PublishFailed for a nack or a timeout.
         """
         self._connection = pika.SelectConnection(
             rabbitmq_parameters(), on_open_callback=self._on_open,
@@ -69,6 +75,8 @@ class PipelinedPublisher:
             on_close_callback=self._on_closed)
         self._connection.ioloop.call_later(self.timeout, self._on_timeout)
         self._connection.ioloop.start()
+        if self._connection_lost:
+            raise ConnectionLost(self._error)
         if self._error is not None:
             raise PublishFailed(self._error)
         return self._finished - self._started
@@ -80,12 +88,14 @@ class PipelinedPublisher:
 
     def _on_open_error(self, _connection: Any, error: BaseException) -> None:
         self._error = f'cannot connect to RabbitMQ: {error}'
+        self._connection_lost = True
         assert self._connection is not None
         self._connection.ioloop.stop()
 
     def _on_closed(self, _connection: Any, reason: BaseException) -> None:
         if self._finished == 0.0 and self._error is None:
             self._error = f'RabbitMQ closed the connection: {reason}'
+            self._connection_lost = True
         assert self._connection is not None
         self._connection.ioloop.stop()
 

@@ -155,17 +155,25 @@ class MikkooProcess:
     def stop(self) -> int | None:
         """Send SIGTERM and wait, killing the group when it outlives STOP_TIMEOUT.
 
-        Returns mikkoo's exit status, or None when it had to be killed.
+        Returns mikkoo's exit status, or None when the controller or a
+        worker it left behind had to be killed.
         """
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         self.process.send_signal(signal.SIGTERM)
         try:
-            return self.process.wait(STOP_TIMEOUT)
+            status = self.process.wait(STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(STOP_TIMEOUT)
             return None
+        try:
+            # Signal 0 only checks whether any process of the group is left.
+            os.killpg(self.process.pid, 0)
+        except ProcessLookupError:
+            return status
+        os.killpg(self.process.pid, signal.SIGKILL)
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -23,8 +23,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if __package__ in (None, ''):
     # Run as a file (python3 benchmarks/relay.py): make the package importable.
@@ -51,6 +52,10 @@ LIMIT_CONFIRM = 'limit: pika publisher, confirm on'
 LIMIT_NO_CONFIRM = 'limit: pika publisher, confirm off'
 LIMIT_PGQ = 'limit: PgQ drain, no AMQP'
 PER_10K = 'CPU s/10k ev'
+# Attempts of one measurement when RabbitMQ closes connections during it.
+MEASURE_ATTEMPTS = 3
+
+T = TypeVar('T')
 
 
 class Interrupted(Exception):
@@ -128,10 +133,17 @@ class Benchmark:
         self.broker.declare()
 
     def clean_up(self) -> None:
+        """Delete the RabbitMQ queue and drop the database, logging what fails."""
         try:
             self.broker.delete()
-        finally:
+        except pika.exceptions.AMQPError as error:
+            LOGGER.error('cannot delete RabbitMQ queue %s, delete it by hand: %s',
+                         self.broker.name, error)
+        try:
             self.database.drop()
+        except psycopg2.Error as error:
+            LOGGER.error('cannot drop database %s, drop it by hand: %s',
+                         self.database.name, error)
 
     def run(self) -> None:
         events, repeat = self.arguments.events, self.arguments.repeat
@@ -177,6 +189,13 @@ class Benchmark:
         LOGGER.info('%s: %.0f events/s', LIMIT_PGQ, rate)
 
     def measure_publisher(self, name: str, events: int, confirm: bool) -> None:
+        rate, cpu = self._undisturbed(name, lambda: self._publish(name, events, confirm))
+        self.figures.add(name, 'events/s', rate)
+        self.figures.add(f'{name}, CPU', PER_10K, cpu / events * 10_000)
+        LOGGER.info('%s: %.0f events/s', name, rate)
+
+    def _publish(self, name: str, events: int, confirm: bool) -> tuple[float, float]:
+        """Run the pika publisher once; return its rate and its CPU seconds."""
         self._check_broker_empty()
         cpu_started = time.process_time()
         rate = limits.publish_limit(self.broker.name, events, confirm=confirm,
@@ -184,9 +203,30 @@ class Benchmark:
         cpu = time.process_time() - cpu_started
         self._check_delivered(name, events)
         self.broker.purge()
-        self.figures.add(name, 'events/s', rate)
-        self.figures.add(f'{name}, CPU', PER_10K, cpu / events * 10_000)
-        LOGGER.info('%s: %.0f events/s', name, rate)
+        return rate, cpu
+
+    def _undisturbed(self, figure_name: str, measure: Callable[[], T]) -> T:
+        """Run ``measure`` again while RabbitMQ closes connections during it.
+
+        A broker shared with fault-injection tests may force every connection
+        closed, which corrupts a figure. Raises RelayFailed after
+        MEASURE_ATTEMPTS disturbed attempts.
+        """
+        for attempt in range(1, MEASURE_ATTEMPTS + 1):
+            reconnects = self.broker.reconnects
+            try:
+                result = measure()
+            except limits.ConnectionLost as error:
+                reason = str(error)
+            else:
+                if self.broker.reconnects == reconnects:
+                    return result
+                reason = "RabbitMQ closed the benchmark's own connection"
+            self._warn(f'{figure_name}: measurement {attempt} of {MEASURE_ATTEMPTS} discarded '
+                       f'because {reason}')
+            self.broker.purge()
+        raise RelayFailed(f'{figure_name}: RabbitMQ closed connections during all '
+                          f'{MEASURE_ATTEMPTS} attempts')
 
     # -- mikkoo --------------------------------------------------------------
 
@@ -197,19 +237,25 @@ class Benchmark:
         Its rate is compared with the latest value of the figure ``limit_name``.
         """
         queue = f'relay_{run_id}_{"confirm" if confirm else "noconfirm"}'
+        insert_seconds, result = self._undisturbed(
+            label, lambda: self._relay(queue, events, confirm, label))
+        if big_batch:
+            self.figures.add(f'{label}, insert', 's', insert_seconds)
+        self._record_drain(label, events, result, limit_name)
+
+    def _relay(self, queue: str, events: int, confirm: bool,
+               label: str) -> tuple[float, DrainResult]:
+        """Fill a new PgQ queue and relay it once; return the insert seconds and result."""
         self.database.create_queue(queue, CONSUMER)
         try:
             LOGGER.info('%s: inserting %d events into PgQ queue %s', label, events, queue)
             insert_seconds = self.database.insert_events(queue, events, self.broker.name)
             self.database.tick(queue)
             self._check_broker_empty()
-            result = self._run_mikkoo(queue, events, confirm)
+            return insert_seconds, self._run_mikkoo(queue, events, confirm)
         finally:
             self.broker.purge()
             self.database.drop_queue(queue)
-        if big_batch:
-            self.figures.add(f'{label}, insert', 's', insert_seconds)
-        self._record_drain(label, events, result, limit_name)
 
     def _run_mikkoo(self, queue: str, events: int, confirm: bool) -> DrainResult:
         config = self.workdir / f'{queue}.yml'
@@ -223,7 +269,7 @@ class Benchmark:
             status = mikkoo.stop()
         if status != 0:
             self._warn(f'queue {queue}: mikkoo exited with status {status} after '
-                       f'SIGTERM (None: killed after the stop timeout)\n'
+                       f'SIGTERM (None: it or a leftover worker was killed)\n'
                        f'{mikkoo.log_tail(10)}')
         if len(result.worker_pids) > 1:
             self._warn(f'queue {queue}: mikkoo started {len(result.worker_pids)} '

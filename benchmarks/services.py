@@ -6,15 +6,21 @@ Everything runs against the local services only: PostgreSQL with PgQ on
 """
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pika
-import pika.adapters.blocking_connection
+import pika.exceptions
 import psycopg2
 import psycopg2.extensions
+from pika.adapters.blocking_connection import BlockingChannel
 from psycopg2 import sql
+
+LOGGER = logging.getLogger(__name__)
+T = TypeVar('T')
 
 POSTGRES_HOST = '127.0.0.1'
 POSTGRES_PORT = 5432
@@ -25,6 +31,10 @@ RABBITMQ_HOST = '127.0.0.1'
 RABBITMQ_PORT = 5672
 RABBITMQ_USER = 'guest'
 RABBITMQ_PASSWORD = 'guest'
+# Attempts of one RabbitMQ call, and seconds between them, when the broker
+# closes the benchmark's own connection.
+RECONNECT_ATTEMPTS = 3
+RECONNECT_DELAY = 1.0
 
 CONTENT_TYPE = 'application/json'
 BODY_SIZE = 100
@@ -197,21 +207,32 @@ def rabbitmq_parameters() -> pika.ConnectionParameters:
 
 
 class BrokerQueue:
-    """The RabbitMQ queue the messages go to, on the default exchange."""
+    """The RabbitMQ queue the messages go to, on the default exchange.
+
+    Every call reconnects and declares the queue again when the broker has
+    closed the connection or the channel, for example when another client
+    forces all connections closed. :attr:`reconnects` counts those events,
+    so that a caller can discard a measurement they disturbed.
+    """
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.reconnects = 0
+        self._connected_before = False
+        self._deleted = False
         self._connection: pika.BlockingConnection | None = None
-        self._channel: pika.adapters.blocking_connection.BlockingChannel | None = None
+        self._channel: BlockingChannel | None = None
 
     def declare(self) -> None:
-        self._connection = pika.BlockingConnection(rabbitmq_parameters())
-        self._channel = self._connection.channel()
-        self._channel.queue_declare(self.name, durable=False, auto_delete=False)
+        """Connect and declare the queue. Raises pika.exceptions.AMQPError."""
+        self._run(lambda _channel: None)
 
     @property
     def server_version(self) -> str:
+        self._run(lambda _channel: None)
         assert self._connection is not None
+        # BlockingConnection does not expose the server properties, so they
+        # are read from the connection object it wraps.
         properties = self._connection._impl.server_properties
         product = properties.get('product', b'')
         version = properties.get('version', b'')
@@ -219,24 +240,65 @@ class BrokerQueue:
 
     def message_count(self) -> int:
         """Return how many messages are ready in the queue (a passive declare)."""
-        assert self._channel is not None
-        result = self._channel.queue_declare(self.name, passive=True)
+        result = self._run(lambda channel: channel.queue_declare(self.name, passive=True))
         return int(result.method.message_count)
 
     def purge(self) -> None:
-        assert self._channel is not None
-        self._channel.queue_purge(self.name)
+        self._run(lambda channel: channel.queue_purge(self.name))
 
     def delete(self) -> None:
-        """Delete the queue and close the connection. A second call does nothing."""
-        if self._connection is None or not self._connection.is_open:
+        """Delete the queue and close the connection.
+
+        Does nothing when the queue was never declared or is deleted already.
+        """
+        if not self._connected_before or self._deleted:
             return
         try:
-            assert self._channel is not None
-            self._channel.queue_delete(self.name)
+            self._run(lambda channel: channel.queue_delete(self.name))
+            self._deleted = True
         finally:
-            self._connection.close()
-            self._connection = None
+            self._close()
+
+    def _run(self, operation: Callable[[BlockingChannel], T]) -> T:
+        """Run ``operation`` on the channel, reconnecting up to RECONNECT_ATTEMPTS times.
+
+        Raises the last pika.exceptions.AMQPError when every attempt fails.
+        """
+        for attempt in range(1, RECONNECT_ATTEMPTS + 1):
+            try:
+                if self._channel is None or not self._channel.is_open:
+                    self._connect()
+                assert self._channel is not None
+                return operation(self._channel)
+            except (pika.exceptions.AMQPConnectionError,
+                    pika.exceptions.AMQPChannelError) as error:
+                self._close()
+                if attempt == RECONNECT_ATTEMPTS:
+                    raise
+                LOGGER.warning('RabbitMQ queue %s: connection or channel closed (%s); '
+                               'reconnecting, attempt %d of %d', self.name, error,
+                               attempt + 1, RECONNECT_ATTEMPTS)
+                time.sleep(RECONNECT_DELAY)
+        raise AssertionError('unreachable: the last attempt returns or raises')
+
+    def _connect(self) -> None:
+        if self._connected_before:
+            self.reconnects += 1
+        self._close()
+        self._connection = pika.BlockingConnection(rabbitmq_parameters())
+        self._connected_before = True
+        self._channel = self._connection.channel()
+        self._channel.queue_declare(self.name, durable=False, auto_delete=False)
+
+    def _close(self) -> None:
+        self._channel = None
+        connection, self._connection = self._connection, None
+        if connection is not None and connection.is_open:
+            try:
+                connection.close()
+            except pika.exceptions.AMQPError:
+                LOGGER.debug('ignoring an error while closing the connection',
+                             exc_info=True)
 
 
 def _text(value: Any) -> str:
