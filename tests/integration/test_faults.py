@@ -605,11 +605,12 @@ def test_message_over_max_size_fails_alone(pg_database: str, amqp: AMQPHelper,
     that event fails, and it is discarded after max_failures."""
     limit = 1024 * 1024
     original = faults.max_message_size()
-    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, retry_delay=0,
-                        max_failures=1)
     try:
+        # A channel may read the limit when it opens, so it is set first.
         faults.set_max_message_size(limit)
         assert faults.max_message_size() == limit
+        relay = start_relay(run_mikkoo, pg_database, amqp, credentials, retry_delay=0,
+                            max_failures=1)
         with faults.retry_pump(pg_database, relay.pgq_queue):
             big = json.dumps({'id': 0, 'padding': 'x' * (2 * limit)})
             insert_events(pg_database, relay.pgq_queue, [
