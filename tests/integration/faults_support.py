@@ -215,6 +215,35 @@ def wait_mid_batch(amqp: AMQPHelper, queue: str, total: int, process: MikkooProc
 
 
 @contextlib.contextmanager
+def numbered_inserts(url: str, pgq_queue: str, routing_key: str, first: int,
+                     interval: float = 0.005) -> Iterator[list[int]]:
+    """Insert one numbered event every ``interval`` s in the background.
+
+    Yields the list of ids inserted so far; it is complete when the block ends.
+    """
+    ids: list[int] = []
+    stop = threading.Event()
+
+    def insert() -> None:
+        number = first
+        with connect(url) as connection, connection.cursor() as cursor:
+            while not stop.wait(interval):
+                cursor.execute(NUMBERED_SQL, {
+                    'queue': pgq_queue, 'routing_key': routing_key, 'exchange': None,
+                    'exchanges': '{}', 'extra3': None, 'first': number, 'last': number})
+                ids.append(number)
+                number += 1
+
+    thread = threading.Thread(target=insert, name=f'inserts {pgq_queue}', daemon=True)
+    thread.start()
+    try:
+        yield ids
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+@contextlib.contextmanager
 def retry_pump(url: str, pgq_queue: str, interval: float = 0.3) -> Iterator[None]:
     """Hand retried events back to the relay every ``interval`` s in the background.
 

@@ -25,11 +25,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.integration import faults_support as faults
 from tests.integration.conftest import (
     AMQPHelper, MikkooProcess, MikkooRunner, consumer_registered, insert_event,
-    insert_events, mikkoo_config, queue_config, sql, tick, unique_name, wait_until)
+    insert_events, mikkoo_config, queue_config, retry_queue_ids, sql, tick, unique_name,
+    wait_until)
 from tests.integration.faults_support import Credentials, Tally
 
 # Events in the batch a fault hits: enough that the relay is still
@@ -382,6 +384,63 @@ def test_frozen_worker_killed_at_deadline(pg_database: str, amqp: AMQPHelper,
     assert len(relay.process.log_lines(r'ERROR\b.*did not stop within')) == 1
 
 
+def test_sigterm_with_unregister_finishes_batch(pg_database: str, amqp: AMQPHelper,
+                                                run_mikkoo: MikkooRunner,
+                                                credentials: Credentials) -> None:
+    """With unregister on, the worker finishes the batch in hand before it
+    unregisters, so the batch arrives once and nothing is left behind."""
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, unregister=True,
+                        application={'shutdown_timeout': SHUTDOWN_TIMEOUT})
+    ids = relay.send(BATCH)
+    faults.wait_mid_batch(amqp, relay.queue, BATCH, relay.process)
+
+    started = time.monotonic()
+    relay.process.send(signal.SIGTERM)
+    status = relay.process.wait(timeout=SHUTDOWN_TIMEOUT + 30)
+    seconds = time.monotonic() - started
+
+    tally = relay.collect('sigterm with unregister on', ids)
+    print(f'stopped in {seconds:.1f} s after finishing the batch')
+    faults.assert_all_arrived(tally)
+    assert tally.duplicated == 0
+    assert status == 0, relay.process.describe()
+    assert seconds < STOP_SECONDS
+    assert_stopped_by_itself(relay)
+    assert not relay.process.log_lines(r'leaving batch \d+ unfinished')
+    assert not consumer_registered(pg_database, relay.pgq_queue)
+
+
+def test_reload_loses_no_event(pg_database: str, amqp: AMQPHelper,
+                               run_mikkoo: MikkooRunner, credentials: Credentials) -> None:
+    """A SIGHUP that changes the queue's settings restarts its worker. Events
+    waiting in PgQ's retry queue and events inserted during the restart must
+    still arrive, with unregister at its default (true)."""
+    capacity = 1
+    queue = amqp.declare_queue(arguments={'x-max-length': capacity,
+                                          'x-overflow': 'reject-publish'})
+    relay = start_relay(run_mikkoo, pg_database, amqp, credentials, queue=queue,
+                        retry_delay=2, max_failures=100)
+    nacked = relay.send(20)
+    wait_until(lambda: len(retry_queue_ids(pg_database, relay.pgq_queue)) >= 19,
+               message=lambda: f'19 nacked events to retry\n{relay.process.describe()}')
+    relay.config['Application']['workers'][relay.pgq_queue]['wait_duration'] = 0.2
+    relay.process.config_path.write_text(yaml.safe_dump(relay.config))
+
+    with faults.numbered_inserts(pg_database, relay.pgq_queue, queue,
+                                 first=1001) as during:
+        relay.process.send(signal.SIGHUP)
+        relay.process.wait_for_log(rf'queue {relay.pgq_queue}: settings changed')
+        relay.process.wait_for_log(r'connected to RabbitMQ at', count=2)
+        time.sleep(0.5)
+    with faults.retry_pump(pg_database, relay.pgq_queue):
+        tally = relay.collect('reload with events waiting and arriving',
+                              set(nacked) | set(during), timeout=60)
+
+    print(f'{len(during)} events inserted during the reload')
+    faults.assert_all_arrived(tally)
+    assert len(during) > 0
+
+
 # -- refusals by the broker ----------------------------------------------------------
 
 def test_nacks_then_accepts(pg_database: str, amqp: AMQPHelper, run_mikkoo: MikkooRunner,
@@ -500,8 +559,8 @@ def test_channel_error_fails_one_event(pg_database: str, amqp: AMQPHelper,
                                        run_mikkoo: MikkooRunner,
                                        credentials: Credentials) -> None:
     """RabbitMQ closes the channel on a user_id property that is not the
-    connection's user; the messages in flight are sent again one at a time,
-    so that only the event at fault fails."""
+    connection's user. The messages in flight are then sent again one at a
+    time, so only the event at fault fails."""
     relay = start_relay(run_mikkoo, pg_database, amqp, credentials, retry_delay=0,
                         max_failures=1)
     events = [dict(ev_type=relay.queue, data=json.dumps({'id': number}))
