@@ -228,7 +228,9 @@ class EventMapper:
 
 
 def _check_shortstr(value: str, what: str) -> None:
-    if len(value.encode('utf-8')) > SHORTSTR_MAX:
+    # A character takes at most 4 bytes of UTF-8, so short strings need no
+    # encoding to be measured.
+    if len(value) > SHORTSTR_MAX // 4 and len(value.encode('utf-8')) > SHORTSTR_MAX:
         raise InvalidMessage(f'{what} is longer than 255 bytes')
 
 

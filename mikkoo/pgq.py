@@ -6,6 +6,7 @@ anything fails first, left unfinished and read again in full.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -112,20 +113,29 @@ class BatchSource:
         """Yield the batch's events in chunks of at most ``fetch_size``.
 
         The events are read through a server-side cursor in a transaction
-        that stays open until :meth:`finish` or :meth:`abandon`.
+        that stays open until :meth:`finish` or :meth:`abandon`. The next
+        chunk is fetched in a thread while the caller works on the current
+        one; psycopg2 lets one thread use the connection at a time.
         """
         cursor = self._cursor()
         cursor.execute('SELECT pgq.batch_event_sql(%s)', (batch_id,))
         batch_sql = _scalar(cursor)
         cursor.execute(f'DECLARE {CURSOR_NAME} NO SCROLL CURSOR FOR '
                        f'SELECT {EVENT_COLUMNS} FROM ({batch_sql}) AS batch ORDER BY ev_id')
-        while True:
-            cursor.execute(f'FETCH {int(self.fetch_size)} FROM {CURSOR_NAME}')
-            rows = cursor.fetchall()
-            if not rows:
-                break
-            yield [Event._make(row) for row in rows]
+        with concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix='pgq-fetch') as pool:
+            pending = pool.submit(self._fetch, cursor)
+            while True:
+                rows = pending.result()
+                if not rows:
+                    break
+                pending = pool.submit(self._fetch, cursor)
+                yield [Event._make(row) for row in rows]
         cursor.execute(f'CLOSE {CURSOR_NAME}')
+
+    def _fetch(self, cursor: psycopg2.extensions.cursor) -> list[tuple[Any, ...]]:
+        cursor.execute(f'FETCH {int(self.fetch_size)} FROM {CURSOR_NAME}')
+        return cursor.fetchall()
 
     def retry(self, events: list[tuple[Event, int | None]], delay: float) -> None:
         """Hand ``events`` back to PgQ after ``delay`` seconds.

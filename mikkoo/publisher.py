@@ -42,8 +42,10 @@ RPC_TIMEOUT = 30.0
 # and AMQP handshake. It is shorter than the wait in Publisher.connect, so
 # that pika's own timeout fires first and reports the phase that hung.
 CONNECT_TIMEOUT = 20.0
-# Publishes between two I/O loop turns when confirmations are off.
-UNCONFIRMED_FLUSH_EVERY = 256
+# Without confirmations, a Basic.Qos round trip after every this many
+# publishes (a quarter of the window) tells which messages the broker has
+# received; see Publisher._request_sync.
+SYNC_FRACTION = 4
 # AMQP reply codes of a connection the broker closed for a reason of its
 # own (shutdown, management action), not because of something we sent.
 CONNECTION_FORCED = 320
@@ -123,7 +125,8 @@ class Publisher:
         # connection closure, because it came with an error code other than
         # a forced close. The in-doubt messages are then sent one at a time.
         self._suspect = False
-        self._since_flush = 0
+        self._sync_every = max(1, max_unconfirmed // SYNC_FRACTION)
+        self._last_sync_tag = 0
         self._blocked = False
 
     # -- connection ----------------------------------------------------------
@@ -202,6 +205,7 @@ class Publisher:
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
         # Delivery tags count from 1 on every new channel.
         self._next_tag = 1
+        self._last_sync_tag = 0
         channel.add_on_close_callback(self._on_channel_closed)
         if not self.confirm:
             self._channel_opening = False
@@ -309,9 +313,6 @@ class Publisher:
     def _wait_for_window(self) -> None:
         """Block until a message may be sent: the channel is open, the
         in-doubt messages are sent again, and the window has room."""
-        # Waiting for room lets half the window drain, so that the loop
-        # turns once per many confirmations instead of once per message.
-        low_water = self.max_unconfirmed // 2
         while True:
             self._ensure_channel()
             if self._in_doubt and self._suspect:
@@ -322,7 +323,7 @@ class Publisher:
                     return
                 self._send(self._in_doubt.popleft())
                 continue
-            self._run_until(lambda: len(self._outstanding) <= low_water
+            self._run_until(lambda: len(self._outstanding) < self.max_unconfirmed
                             or self._channel is None)
 
     def wait_for_confirms(self) -> None:
@@ -332,10 +333,9 @@ class Publisher:
         """
         while True:
             self._wait_for_window()
-            if self.confirm:
-                self._run_until(lambda: not self._outstanding or self._channel is None)
-            else:
-                self._sync_channel()
+            if not self.confirm and self._next_tag - 1 > self._last_sync_tag:
+                self._request_sync()
+            self._run_until(lambda: not self._outstanding or self._channel is None)
             if not self._outstanding and not self._in_doubt:
                 return
 
@@ -358,18 +358,37 @@ class Publisher:
         self._channel.basic_publish(message.exchange, message.routing_key,
                                     message.body, properties,
                                     mandatory=self.confirm)
-        if not self.confirm:
-            self.delivered += 1
-            self._since_flush += 1
-            if self._since_flush >= UNCONFIRMED_FLUSH_EVERY:
-                self._since_flush = 0
-                self._poll_once(0)
-            return
         tag = self._next_tag
         self._next_tag += 1
         self._outstanding[tag] = delivery
-        correlation_id = message.properties.get('correlation_id')
-        self._tags_by_correlation.setdefault(correlation_id, []).append(tag)
+        if self.confirm:
+            correlation_id = message.properties.get('correlation_id')
+            self._tags_by_correlation.setdefault(correlation_id, []).append(tag)
+        elif tag - self._last_sync_tag >= self._sync_every:
+            self._request_sync()
+
+    def _request_sync(self) -> None:
+        """Ask the broker to prove it received every message sent so far.
+
+        Without confirmations, the Qos-Ok of a Basic.Qos sent on the same
+        channel proves that the broker has processed every earlier frame,
+        so the messages up to then count as delivered. pika sends one such
+        request at a time and queues the rest.
+        """
+        assert self._channel is not None
+        upto = self._last_sync_tag = self._next_tag - 1
+        self._channel.basic_qos(prefetch_count=0,
+                                callback=lambda _frame: self._on_synced(upto))
+
+    def _on_synced(self, upto: int) -> None:
+        settled = []
+        for tag in self._outstanding:
+            if tag > upto:
+                break
+            settled.append(tag)
+        for tag in settled:
+            del self._outstanding[tag]
+        self.delivered += len(settled)
 
     def _isolate_in_doubt(self) -> None:
         """Send each in-doubt message alone and wait for its outcome.
@@ -386,24 +405,12 @@ class Publisher:
             while self._in_doubt:
                 self._ensure_channel()
                 self._send(self._in_doubt.popleft())
-                if self.confirm:
-                    self._run_until(lambda: not self._outstanding)
-                else:
-                    self._sync_channel()
+                if not self.confirm:
+                    self._request_sync()
+                self._run_until(lambda: not self._outstanding)
             self._suspect = False
         finally:
             self._isolating = False
-
-    def _sync_channel(self) -> None:
-        """Wait until the broker has processed everything sent on the channel.
-
-        Used without confirmations: a Basic.Qos round trip on the same
-        channel proves every earlier frame was received.
-        """
-        done: list[bool] = []
-        assert self._channel is not None
-        self._channel.basic_qos(prefetch_count=0, callback=lambda _frame: done.append(True))
-        self._run_until(lambda: bool(done) or self._channel is None, RPC_TIMEOUT)
 
     # -- confirmations -------------------------------------------------------
 
@@ -449,10 +456,11 @@ class Publisher:
         if delivery is None:
             return None
         correlation_id = delivery.message.properties.get('correlation_id')
-        tags = self._tags_by_correlation[correlation_id]
-        tags.remove(tag)
-        if not tags:
-            del self._tags_by_correlation[correlation_id]
+        tags = self._tags_by_correlation.get(correlation_id)
+        if tags:
+            tags.remove(tag)
+            if not tags:
+                del self._tags_by_correlation[correlation_id]
         return delivery
 
     def _fail_outstanding(self, reason: str) -> None:

@@ -210,8 +210,12 @@ class Worker:
             message = self.mapper.map(event)
             if len(event.extra3 or '') + len(event.extra4 or '') > FRAME_CHECK_THRESHOLD:
                 self._with_broker(lambda: self.publisher.check_frame_size(message))
-            self._with_broker(lambda: self.publisher.check_exchange(message.exchange))
-            self._with_broker(lambda: self.publisher.publish(message, event))
+            if message.exchange:
+                self._with_broker(lambda: self.publisher.check_exchange(message.exchange))
+            try:
+                self.publisher.publish(message, event)
+            except BrokerUnavailable:
+                self._with_broker(lambda: self.publisher.publish(message, event))
         except (InvalidMessage, ExchangeNotFound) as error:
             self._failures.append((event, str(error)))
         except ENCODING_ERRORS as error:
