@@ -301,7 +301,7 @@ def test_postgres_restarted_mid_batch(pg_database: str, amqp: AMQPHelper,
 
     tally = relay.collect('postgres restarted mid-batch', ids)
     faults.assert_all_arrived(tally)
-    assert relay.process.log_lines(r'WARNING\b.*PostgreSQL')
+    assert relay.process.log_lines(r'WARNING\b.*cannot use PostgreSQL')
     assert relay.process.returncode is None
 
 
