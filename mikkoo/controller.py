@@ -103,6 +103,7 @@ class Controller:
         self.apply_logging = apply_logging
         self.slots = {queue: Slot(queue) for queue in settings.workers}
         self.stopping = False
+        self.killed = False
         self.stop_deadline = 0.0
         self.next_stats = 0.0
         self._signals: list[int] = []
@@ -131,6 +132,9 @@ class Controller:
         signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP):
             signal.signal(signum, self._record_signal)
+        # Workers take SIGUSR1 as a request to stop for a restart; the
+        # controller has no use for it and must not die of it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def _record_signal(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
@@ -183,6 +187,11 @@ class Controller:
             for problem in error.problems:
                 LOGGER.error('configuration not reloaded: %s: %s', error.path, problem)
             return
+        except Exception:
+            # The controller must outlive any file it is asked to reload.
+            LOGGER.exception('configuration not reloaded: unexpected error reading %s',
+                             self.settings.path)
+            return
         old, self.settings = self.settings, new
         if new.daemon != old.daemon:
             LOGGER.warning('Daemon settings change only when mikkoo restarts')
@@ -225,11 +234,13 @@ class Controller:
             slot.start_at = self.ops.monotonic()
             return
         slot.restart_after_exit = True
-        self._stop_slot(slot)
+        # SIGUSR1 stops the worker without unregistering its consumer, so
+        # that no event is dropped between the old worker and the new one.
+        self._stop_slot(slot, signal.SIGUSR1)
 
-    def _stop_slot(self, slot: Slot) -> None:
+    def _stop_slot(self, slot: Slot, signum: int = signal.SIGTERM) -> None:
         if slot.state is SlotState.RUNNING and slot.pid is not None:
-            self.ops.kill(slot.pid, signal.SIGTERM)
+            self.ops.kill(slot.pid, signum)
             slot.state = SlotState.STOPPING
 
     # -- shutdown ------------------------------------------------------------
@@ -251,14 +262,14 @@ class Controller:
                 slot.state = SlotState.EXITED
 
     def _enforce_stop_deadline(self) -> None:
-        if self.stopping and self.ops.monotonic() >= self.stop_deadline \
+        if self.stopping and not self.killed and self.ops.monotonic() >= self.stop_deadline \
                 and self._active_slots():
             LOGGER.error('workers did not stop within %g s; killing them',
                          self.settings.shutdown_timeout)
             self._kill_workers()
 
     def _kill_workers(self) -> None:
-        self.stopping = True
+        self.stopping = self.killed = True
         for slot in self._active_slots():
             if slot.pid is not None:
                 self.ops.kill(slot.pid, signal.SIGKILL)
@@ -324,7 +335,7 @@ class Controller:
     def _seconds_until_next_event(self) -> float:
         now = self.ops.monotonic()
         deadlines = [self.next_stats]
-        if self.stopping:
+        if self.stopping and not self.killed:
             deadlines.append(self.stop_deadline)
         else:
             deadlines.extend(slot.start_at for slot in self.slots.values()

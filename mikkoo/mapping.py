@@ -188,7 +188,10 @@ class EventMapper:
         try:
             # Numbers with a fraction become Decimal: pika cannot encode a
             # float, and the decimal keeps the digits the event was written with.
-            value = json.loads(text, parse_float=decimal.Decimal)
+            # NaN and Infinity, which Python's json accepts, become Decimal
+            # too, and then text.
+            value = json.loads(text, parse_float=decimal.Decimal,
+                               parse_constant=decimal.Decimal)
         except ValueError as error:
             self._warn(event, field, f'invalid JSON ({error})')
             return None

@@ -51,6 +51,18 @@ class PgQNotInstalled(Exception):
     """Raised when the database lacks the pgq extension."""
 
 
+class ConsumerBusy(Exception):
+    """Raised when another session already consumes the queue as this consumer."""
+
+
+# TCP keepalives find a database host that vanished without closing the
+# connection; the statement timeout ends a query blocked for minutes (for
+# example by a lock on the queue's tables), which is then retried.
+KEEPALIVES: dict[str, Any] = {'keepalives': 1, 'keepalives_idle': 30, 'keepalives_interval': 10,
+              'keepalives_count': 3}
+STATEMENT_TIMEOUT = '5min'
+
+
 class ConsumerInfo(NamedTuple):
     pending_events: int
     lag_seconds: float          # age of the last tick the consumer has seen
@@ -78,8 +90,12 @@ class BatchSource:
         """
         self.close()
         self._connection = psycopg2.connect(
-            self.url, application_name=f'mikkoo {self.queue}'[:63])
+            self.url, application_name=f'mikkoo {self.queue}'[:63], **KEEPALIVES)
         with self._connection.cursor() as cursor:
+            self._lock_consumer(cursor)
+            cursor.execute("SELECT current_setting('statement_timeout')")
+            if _scalar(cursor) == '0':
+                cursor.execute('SET statement_timeout = %s', (STATEMENT_TIMEOUT,))
             cursor.execute("SELECT 1 FROM pg_extension WHERE extname = 'pgq'")
             if cursor.fetchone() is None:
                 database = self._connection.info.dbname
@@ -95,6 +111,40 @@ class BatchSource:
                 LOGGER.info('registered PgQ consumer %s on queue %s',
                             self.consumer, self.queue)
         self._connection.commit()
+
+    def _lock_consumer(self, cursor: psycopg2.extensions.cursor) -> None:
+        """Take a session lock on this queue and consumer, or raise ConsumerBusy.
+
+        Two relays with the same queue and consumer would get the same
+        batches and publish every event twice, and one that unregisters
+        would drop the other's position.
+        """
+        cursor.execute("SELECT pg_try_advisory_lock(hashtext('mikkoo'), hashtext(%s))",
+                       (f'{self.queue}/{self.consumer}',))
+        if not _scalar(cursor):
+            raise ConsumerBusy(
+                f'another mikkoo already consumes queue {self.queue!r} as consumer '
+                f'{self.consumer!r} in this database; stop it or set another '
+                'consumer_name')
+
+    def backlog(self) -> int:
+        """Return how many events wait for this consumer, retries included."""
+        cursor = self._cursor()
+        cursor.execute('SELECT coalesce(c.pending_events, 0) + coalesce(q.ev_new, 0) '
+                       '  FROM pgq.get_consumer_info(%s, %s) AS c, '
+                       '       pgq.get_queue_info(%s) AS q',
+                       (self.queue, self.consumer, self.queue))
+        row = cursor.fetchone()
+        waiting = int(row[0]) if row else 0
+        cursor.execute('SELECT count(*) FROM pgq.retry_queue AS r '
+                       '  JOIN pgq.subscription AS s ON s.sub_id = r.ev_owner '
+                       '  JOIN pgq.consumer AS c ON c.co_id = s.sub_consumer '
+                       '  JOIN pgq.queue AS q ON q.queue_id = s.sub_queue '
+                       ' WHERE q.queue_name = %s AND c.co_name = %s',
+                       (self.queue, self.consumer))
+        waiting += int(_scalar(cursor))
+        self._commit()
+        return waiting
 
     def close(self) -> None:
         connection, self._connection = self._connection, None

@@ -51,6 +51,13 @@ SYNC_FRACTION = 4
 CONNECTION_FORCED = 320
 
 
+# pika raises these when a channel or connection closed under a call.
+WRONG_STATE_ERRORS = (pika.exceptions.ChannelWrongStateError,
+                      pika.exceptions.ConnectionWrongStateError,
+                      pika.exceptions.ChannelClosed, pika.exceptions.ConnectionClosed,
+                      pika.exceptions.StreamLostError)
+
+
 class BrokerUnavailable(Exception):
     """Raised when the broker connection is closed or cannot be opened."""
 
@@ -118,7 +125,8 @@ class Publisher:
         self._missing_exchanges: dict[str, float] = {}
         self._next_tag = 1
         self._outstanding: dict[int, _Delivery] = {}
-        self._tags_by_correlation: dict[Any, list[int]] = {}
+        # Outstanding delivery tags by _return_key, to match returned messages.
+        self._tags_by_key: dict[tuple[str, ...], list[int]] = {}
         self._in_doubt: collections.deque[_Delivery] = collections.deque()
         self._isolating = False
         # True when a message in flight may have caused the last channel or
@@ -235,7 +243,10 @@ class Publisher:
         if not self.is_connected:
             raise BrokerUnavailable(self._describe_error())
         if self._channel is None:
-            self._open_channel()
+            try:
+                self._open_channel()
+            except WRONG_STATE_ERRORS as error:
+                raise BrokerUnavailable(f'{type(error).__name__}: {error}') from None
         self._run_until(lambda: self._channel is not None and not self._channel_opening,
                         RPC_TIMEOUT)
 
@@ -251,18 +262,23 @@ class Publisher:
         """
         if exchange == '' or exchange in self._known_exchanges:
             return
+        if not self.is_connected:
+            raise BrokerUnavailable(self._describe_error())
         missing_since = self._missing_exchanges.get(exchange)
         if missing_since is not None and time.monotonic() - missing_since < 1.0:
             raise ExchangeNotFound(f'exchange {exchange!r} not found')
-        if self._probe is None or not self._probe.is_open:
-            self._probe = None
-            assert self._connection is not None
-            self._connection.channel(on_open_callback=self._on_probe_open)
-            self._run_until(lambda: self._probe is not None, RPC_TIMEOUT)
-        self._probe_result = None
-        assert self._probe is not None
-        self._probe.exchange_declare(exchange, passive=True,
-                                     callback=self._on_probe_ok)
+        try:
+            if self._probe is None or not self._probe.is_open:
+                self._probe = None
+                assert self._connection is not None
+                self._connection.channel(on_open_callback=self._on_probe_open)
+                self._run_until(lambda: self._probe is not None, RPC_TIMEOUT)
+            self._probe_result = None
+            assert self._probe is not None
+            self._probe.exchange_declare(exchange, passive=True,
+                                         callback=self._on_probe_ok)
+        except WRONG_STATE_ERRORS as error:
+            raise BrokerUnavailable(f'{type(error).__name__}: {error}') from None
         self._run_until(lambda: self._probe_result is not None, RPC_TIMEOUT)
         if self._probe_result == 'ok':
             self._known_exchanges.add(exchange)
@@ -347,23 +363,37 @@ class Publisher:
     def forget_pending(self) -> None:
         """Drop every delivery in flight or in doubt, as when a batch is abandoned."""
         self._outstanding.clear()
-        self._tags_by_correlation.clear()
+        self._tags_by_key.clear()
         self._in_doubt.clear()
         self.failures = []
 
     def _send(self, delivery: _Delivery) -> None:
+        """Publish one message on the channel and record it as outstanding.
+
+        Raises InvalidMessage when pika cannot encode the message, and
+        BrokerUnavailable when the connection is gone.
+        """
         assert self._channel is not None
         message = delivery.message
-        properties = pika.BasicProperties(**message.properties)
-        self._channel.basic_publish(message.exchange, message.routing_key,
-                                    message.body, properties,
-                                    mandatory=self.confirm)
+        try:
+            properties = pika.BasicProperties(**message.properties)
+            self._channel.basic_publish(message.exchange, message.routing_key,
+                                        message.body, properties,
+                                        mandatory=self.confirm)
+        except WRONG_STATE_ERRORS as error:
+            raise BrokerUnavailable(f'{type(error).__name__}: {error}') from None
+        except Exception as error:
+            # pika encodes the whole message before it writes a byte, and
+            # raises many types for values it cannot encode; none of them
+            # concerns another message.
+            raise InvalidMessage(f'cannot encode the message: {type(error).__name__}: '
+                                 f'{error}') from None
         tag = self._next_tag
         self._next_tag += 1
         self._outstanding[tag] = delivery
         if self.confirm:
-            correlation_id = message.properties.get('correlation_id')
-            self._tags_by_correlation.setdefault(correlation_id, []).append(tag)
+            key = _return_key(message.properties)
+            self._tags_by_key.setdefault(key, []).append(tag)
         elif tag - self._last_sync_tag >= self._sync_every:
             self._request_sync()
 
@@ -377,8 +407,13 @@ class Publisher:
         """
         assert self._channel is not None
         upto = self._last_sync_tag = self._next_tag - 1
-        self._channel.basic_qos(prefetch_count=0,
-                                callback=lambda _frame: self._on_synced(upto))
+        try:
+            self._channel.basic_qos(prefetch_count=0,
+                                    callback=lambda _frame: self._on_synced(upto))
+        except WRONG_STATE_ERRORS:
+            # The channel is closing; its close callback puts the messages
+            # not yet synced in doubt.
+            pass
 
     def _on_synced(self, upto: int) -> None:
         settled = []
@@ -438,9 +473,10 @@ class Publisher:
 
     def _on_return(self, _channel: Any, method: pika.spec.Basic.Return,
                    properties: pika.BasicProperties, _body: bytes) -> None:
-        # A return arrives before the ack of the same message, so the tag is
-        # still outstanding; returns come in publish order, hence the FIFO.
-        tags = self._tags_by_correlation.get(properties.correlation_id)
+        # A return arrives before the ack of the same message, so its tag is
+        # still outstanding. Returns come in publish order, so among messages
+        # with the same key the oldest outstanding one is returned.
+        tags = self._tags_by_key.get(_return_key(vars(properties)))
         if not tags:
             LOGGER.warning('%s: cannot match a returned message (exchange %r, '
                            'routing key %r)', self.name, method.exchange,
@@ -455,12 +491,12 @@ class Publisher:
         delivery = self._outstanding.pop(tag, None)
         if delivery is None:
             return None
-        correlation_id = delivery.message.properties.get('correlation_id')
-        tags = self._tags_by_correlation.get(correlation_id)
+        key = _return_key(delivery.message.properties)
+        tags = self._tags_by_key.get(key)
         if tags:
             tags.remove(tag)
             if not tags:
-                del self._tags_by_correlation[correlation_id]
+                del self._tags_by_key[key]
         return delivery
 
     def _fail_outstanding(self, reason: str) -> None:
@@ -474,7 +510,7 @@ class Publisher:
             return
         doubt = [self._outstanding[tag] for tag in sorted(self._outstanding)]
         self._outstanding.clear()
-        self._tags_by_correlation.clear()
+        self._tags_by_key.clear()
         self._in_doubt.extendleft(reversed(doubt))
 
     # -- I/O loop ------------------------------------------------------------
@@ -552,6 +588,26 @@ def _root_cause(error: BaseException) -> BaseException:
             error = error.args[0]
         else:
             return error
+
+
+def _return_key(properties: dict[str, Any]) -> tuple[str, ...]:
+    """Return what tells a returned message from the others in flight.
+
+    Every message mikkoo publishes carries a fresh correlation_id and a
+    sequence header unless the event sets them; the event id headers of
+    events and dead letters separate the rest. repr() makes any header
+    value hashable.
+    """
+    headers = properties.get('headers') or {}
+    return (_key_part(properties.get('correlation_id')), _key_part(headers.get('sequence')),
+            _key_part(headers.get('pgq_event_id')),
+            _key_part(headers.get('x-mikkoo-event-id')))
+
+
+def _key_part(value: Any) -> str:
+    # pika decodes 64-bit integers as its own int subclass, whose repr
+    # differs from int's.
+    return repr(int(value)) if isinstance(value, int) else repr(value)
 
 
 def _is_caused_by_message(reason: BaseException) -> bool:

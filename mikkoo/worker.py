@@ -23,7 +23,7 @@ from mikkoo import __version__, sentry
 from mikkoo.backoff import Backoff
 from mikkoo.config import QueueSettings, Settings
 from mikkoo.mapping import Event, EventMapper, InvalidMessage, Message
-from mikkoo.pgq import BatchSource, PgQNotInstalled
+from mikkoo.pgq import BatchSource, ConsumerBusy, PgQNotInstalled
 from mikkoo.publisher import BrokerUnavailable, ExchangeNotFound, Publisher
 from mikkoo.stats import Counters, StatsdClient
 from mikkoo.tls import TLSConfigError
@@ -94,7 +94,8 @@ class Worker:
     def __init__(self, settings: QueueSettings, source: BatchSource, publisher: Publisher,
                  counters: Counters, *, poll_interval: float = 60.0,
                  statsd: StatsdClient | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 keep_registered: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
         self.queue = settings.queue
         self.source = source
@@ -103,6 +104,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.statsd = statsd
         self.should_stop = should_stop
+        self.keep_registered = keep_registered
         self.mapper = EventMapper(settings.queue)
         self.database_backoff = Backoff()
         self.broker_backoff = Backoff()
@@ -129,10 +131,10 @@ class Worker:
         if not self.source.is_connected:
             try:
                 self.source.connect()
-            except (psycopg2.Error, PgQNotInstalled) as error:
+            except (psycopg2.Error, PgQNotInstalled, ConsumerBusy) as error:
+                self.source.close()
                 self._wait_to_retry('connect to PostgreSQL', error, self.database_backoff)
                 return False
-            self.database_backoff.reset()
             LOGGER.info('queue %s: connected to PostgreSQL', self.queue)
         if not self.publisher.is_connected:
             return self._connect_broker()
@@ -173,6 +175,9 @@ class Worker:
     def _process_next_batch(self) -> None:
         batch_id = self.source.next_batch()
         if batch_id is None:
+            # The database backoff ends only with progress: a failure that
+            # recurs in every batch must not retry at the first delay forever.
+            self.database_backoff.reset()
             self._update_consumer_info()
             self.publisher.sleep(self.settings.wait_duration)
             return
@@ -183,6 +188,7 @@ class Worker:
             self._abandon(batch_id)
             return
         self.source.finish(batch_id)
+        self.database_backoff.reset()
         self._count_batch(batch_id, result, time.monotonic() - started)
         self._update_consumer_info()
 
@@ -340,6 +346,30 @@ class Worker:
                      '%d out of retries in %.3f s', self.queue, batch_id, result.delivered,
                      result.failed, result.retried, len(result.exhausted), seconds)
 
+    def _unregister(self) -> None:
+        """Unregister the consumer unless that would drop events.
+
+        PgQ drops an unregistered consumer's unfinished batch, its retries and
+        its pending events, so the consumer stays registered, with a warning,
+        while any of them exist or cannot be counted.
+        """
+        consumer = self.settings.consumer_name
+        if self._abandoned_batch is not None:
+            reason = f'batch {self._abandoned_batch} is unfinished'
+        elif not self.source.is_connected:
+            reason = 'PostgreSQL is unreachable'
+        else:
+            try:
+                backlog = self.source.backlog()
+                if backlog == 0:
+                    self.source.unregister()
+                    return
+                reason = f'{backlog} events still wait for it'
+            except psycopg2.Error as error:
+                reason = f'PostgreSQL failed: {_one_line(error)}'
+        LOGGER.warning('queue %s: consumer %s stays registered because %s; unregistering '
+                       'now would lose them', self.queue, consumer, reason)
+
     def _update_consumer_info(self) -> None:
         now = time.monotonic()
         if now < self._info_due:
@@ -359,21 +389,8 @@ class Worker:
     # -- shutdown ------------------------------------------------------------
 
     def _shutdown(self) -> None:
-        # Unregistering drops the consumer's unfinished batch and retries, so
-        # it happens only when nothing of the consumer's is left unsettled.
-        if self.settings.unregister and self._abandoned_batch is not None:
-            LOGGER.warning('queue %s: consumer %s stays registered because batch %s '
-                           'is unfinished', self.queue, self.settings.consumer_name,
-                           self._abandoned_batch)
-        elif self.settings.unregister and self.source.is_connected:
-            try:
-                self.source.unregister()
-            except psycopg2.Error as error:
-                LOGGER.error('queue %s: cannot unregister consumer %s: %s', self.queue,
-                             self.settings.consumer_name, _one_line(error))
-        elif self.settings.unregister:
-            LOGGER.warning('queue %s: consumer %s stays registered because PostgreSQL '
-                           'is unreachable', self.queue, self.settings.consumer_name)
+        if self.settings.unregister and not self.keep_registered():
+            self._unregister()
         self.publisher.close()
         self.source.close()
         LOGGER.info('queue %s: worker stopped', self.queue)
@@ -384,23 +401,40 @@ def _one_line(error: BaseException) -> str:
 
 
 class _StopFlag:
-    """Record SIGTERM; the handler does nothing else."""
+    """Record the stop signals; the handlers do nothing else.
+
+    SIGTERM stops the worker. SIGUSR1 stops it for a restart, which keeps
+    the consumer registered whatever ``unregister`` says, and so does the
+    death of the controller.
+    """
 
     def __init__(self) -> None:
         self.requested = False
+        self.restart = False
+        self.controller = os.getppid()
 
-    def handle(self, _signum: int, _frame: Any) -> None:
+    def handle_stop(self, _signum: int, _frame: Any) -> None:
         self.requested = True
 
+    def handle_restart(self, _signum: int, _frame: Any) -> None:
+        self.requested = self.restart = True
+
     def __call__(self) -> bool:
+        if not self.requested and os.getppid() != self.controller:
+            LOGGER.error('the controller (pid %d) is gone; stopping', self.controller)
+            self.requested = self.restart = True
         return self.requested
+
+    def keep_registered(self) -> bool:
+        return self.restart
 
 
 def main(settings: Settings, queue: str, counters: Counters) -> int:
     """Run the worker of ``queue`` in this (forked) process; return its exit status."""
     multiprocessing.current_process().name = f'worker[{queue}]'
     stop = _StopFlag()
-    signal.signal(signal.SIGTERM, stop.handle)
+    signal.signal(signal.SIGTERM, stop.handle_stop)
+    signal.signal(signal.SIGUSR1, stop.handle_restart)
     # The controller owns SIGINT and SIGHUP; it tells workers to stop with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -420,7 +454,8 @@ def main(settings: Settings, queue: str, counters: Counters) -> int:
         statsd = StatsdClient(settings.statsd.host, settings.statsd.port,
                               settings.statsd.prefix)
     worker = Worker(queue_settings, source, publisher, counters,
-                    poll_interval=settings.poll_interval, statsd=statsd, should_stop=stop)
+                    poll_interval=settings.poll_interval, statsd=statsd, should_stop=stop,
+                    keep_registered=stop.keep_registered)
     try:
         worker.run()
     except Exception:

@@ -580,7 +580,7 @@ def test_sighup_restarts_changed_queue(reloadable: Controller, ops: FakeProcessO
 
     send_sighup(reloadable)
 
-    assert ops.kills == [(old_pid, signal.SIGTERM)]
+    assert ops.kills == [(old_pid, signal.SIGUSR1)]
     assert reloadable.slots['orders'].state is SlotState.STOPPING
     assert reloadable.slots['refunds'].state is SlotState.RUNNING
     assert reloadable.settings.workers['orders'].fetch_size == 10
@@ -632,7 +632,7 @@ def test_sighup_global_change_restarts_all(reloadable: Controller, ops: FakeProc
 
     send_sighup(reloadable)
 
-    assert sorted(kills_with(ops, signal.SIGTERM)) == pids
+    assert sorted(kills_with(ops, signal.SIGUSR1)) == pids
 
 
 def test_sighup_ignored_while_stopping(reloadable: Controller, ops: FakeProcessOps,
