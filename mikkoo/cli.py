@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from mikkoo import __version__, sentry
-from mikkoo.config import ConfigError, Settings, load, masked
+from mikkoo.config import ConfigError, Settings, load, masked, secrets_in
 from mikkoo.controller import Controller
 from mikkoo.daemon import DaemonError, run_detached
 
@@ -88,22 +88,59 @@ def configure_logging(settings: Settings, foreground: bool) -> None:
     """Apply the Logging section, or log to stderr when there is none.
 
     Handlers marked ``debug_only: true`` are used only in the foreground.
-    Raises ConfigError when logging.config rejects the section.
+    Every handler masks the configuration's passwords in what it writes.
+    Raises ConfigError when the section is invalid.
     """
     if settings.logging is None:
         logging.basicConfig(level=logging.INFO, format=DEFAULT_FORMAT)
         _quiet_pika()
-        return
-    config = _without_debug_only_handlers(copy.deepcopy(settings.logging), foreground)
-    config.setdefault('version', 1)
-    config.setdefault('disable_existing_loggers', False)
+    else:
+        config = copy.deepcopy(settings.logging)
+        problems = _logging_problems(config)
+        if problems:
+            raise ConfigError(settings.path, problems)
+        config = _without_debug_only_handlers(config, foreground)
+        config.setdefault('version', 1)
+        config.setdefault('disable_existing_loggers', False)
+        try:
+            logging.config.dictConfig(config)
+        except (ValueError, TypeError, AttributeError, ImportError) as error:
+            raise ConfigError(settings.path, [f'Logging: invalid logging configuration: '
+                                              f'{" ".join(str(error).split())}']) from None
+        if 'pika' not in config.get('loggers', {}):
+            _quiet_pika()
+    _mask_secrets_in_handlers(secrets_in(settings))
+
+
+def _logging_problems(config: dict[str, Any]) -> list[str]:
+    """Return what dictConfig would choke on later, or only at the first log line."""
+    problems = []
+    for section in ('formatters', 'filters', 'handlers', 'loggers'):
+        entries = config.get(section, {})
+        if not isinstance(entries, dict) or not all(
+                isinstance(entry, dict) for entry in entries.values()):
+            problems.append(f'Logging.{section}: must map names to mappings')
+    if not isinstance(config.get('root', {}), dict):
+        problems.append('Logging.root: must be a mapping')
+    formatters = config.get('formatters')
+    if isinstance(formatters, dict):
+        for name, formatter in formatters.items():
+            problem = _formatter_problem(formatter)
+            if problem:
+                problems.append(f'Logging.formatters.{name}: {problem}')
+    return problems
+
+
+def _formatter_problem(formatter: Any) -> str | None:
+    if not isinstance(formatter, dict) or '()' in formatter or 'class' in formatter:
+        return None
+    record = logging.LogRecord('mikkoo', logging.INFO, __file__, 1, 'message', None, None)
     try:
-        logging.config.dictConfig(config)
-    except (ValueError, TypeError, AttributeError, ImportError) as error:
-        raise ConfigError(settings.path, [f'Logging: invalid logging configuration: '
-                                          f'{" ".join(str(error).split())}']) from None
-    if 'pika' not in (config.get('loggers') or {}):
-        _quiet_pika()
+        logging.Formatter(formatter.get('format'), formatter.get('datefmt'),
+                          formatter.get('style', '%')).format(record)
+    except (ValueError, KeyError, TypeError) as error:
+        return f'invalid format {formatter.get("format")!r}: {error!r}'
+    return None
 
 
 def _quiet_pika() -> None:
@@ -118,14 +155,50 @@ def _without_debug_only_handlers(config: dict[str, Any], foreground: bool) -> di
     handlers = config.get('handlers') or {}
     dropped = set()
     for name, handler in list(handlers.items()):
-        if isinstance(handler, dict) and handler.pop('debug_only', False) and not foreground:
+        if handler.pop('debug_only', False) and not foreground:
             dropped.add(name)
             del handlers[name]
     if dropped:
         for section in [*(config.get('loggers') or {}).values(), config.get('root') or {}]:
-            if isinstance(section, dict) and 'handlers' in section:
+            if 'handlers' in section:
                 section['handlers'] = [h for h in section['handlers'] if h not in dropped]
     return config
+
+
+class SecretFilter(logging.Filter):
+    """Replace the configured passwords in every record a handler writes.
+
+    Error messages of libraries can quote a password (libpq quotes a
+    malformed URL, for one), so masking the configuration dump is not
+    enough.
+    """
+
+    def __init__(self, secrets: set[str]) -> None:
+        super().__init__()
+        self.secrets = sorted(secrets, key=len, reverse=True)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for secret in self.secrets:
+            if secret in message:
+                message = message.replace(secret, '****')
+                record.msg, record.args = message, None
+            if record.exc_text and secret in record.exc_text:
+                record.exc_text = record.exc_text.replace(secret, '****')
+        return True
+
+
+def _mask_secrets_in_handlers(secrets: set[str]) -> None:
+    loggers = [logging.getLogger(), *(logger for logger in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(logger, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            for old in [f for f in handler.filters if isinstance(f, SecretFilter)]:
+                handler.removeFilter(old)
+            if secrets:
+                handler.addFilter(SecretFilter(secrets))
 
 
 if __name__ == '__main__':

@@ -100,6 +100,13 @@ class Settings:
 Checker = Callable[[Any], Any]
 
 
+# Upper bounds that keep values within what the clock, PostgreSQL and
+# AMQP accept: a year of seconds, AMQP's 16-bit heartbeat, a million rows.
+MAX_SECONDS = 365 * 24 * 3600
+MAX_HEARTBEAT = 65535
+MAX_COUNT = 1_000_000
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError('true or false')
@@ -109,6 +116,8 @@ def _boolean(value: Any) -> bool:
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError('a non-empty string')
+    if '\0' in value:
+        raise ValueError('a string without NUL characters')
     return value
 
 
@@ -116,35 +125,49 @@ def _optional_text(value: Any) -> str | None:
     return None if value is None else _text(value)
 
 
-def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError('an integer of 0 or more')
+def _integer(value: Any, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f'an integer from {low} to {high}')
     return value
+
+
+def _count(value: Any) -> int:
+    return _integer(value, 0, MAX_COUNT)
 
 
 def _positive_count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError('an integer of 1 or more')
-    return value
+    return _integer(value, 1, MAX_COUNT)
 
 
 def _port(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ValueError('a port number from 1 to 65535')
-    return value
+    return _integer(value, 1, 65535)
+
+
+def _heartbeat(value: Any) -> int:
+    return _integer(value, 0, MAX_HEARTBEAT)
+
+
+def _number(value: Any, what: str) -> float:
+    """Return ``value`` as seconds in [0, MAX_SECONDS], or raise ValueError(what)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(what)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise ValueError(what) from None
+    if not math.isfinite(number) or not 0 <= number <= MAX_SECONDS:
+        raise ValueError(what)
+    return number
 
 
 def _seconds(value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value < 0):
-        raise ValueError('a number of seconds, 0 or more')
-    return float(value)
+    return _number(value, f'a number of seconds from 0 to {MAX_SECONDS}')
 
 
 def _positive_seconds(value: Any) -> float:
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value <= 0):
-        raise ValueError('a number of seconds greater than 0')
+    what = f'a number of seconds greater than 0, at most {MAX_SECONDS}'
+    if _number(value, what) == 0:
+        raise ValueError(what)
     return float(value)
 
 
@@ -244,7 +267,7 @@ RABBITMQ_OPTIONS = (
     Option('username', _text, 'guest', 'User name.'),
     Option('password', _text, 'guest', 'Password.'),
     Option('ssl_options', _mapping, None, 'TLS settings; presence turns TLS on.'),
-    Option('heartbeat_interval', _count, 300,
+    Option('heartbeat_interval', _heartbeat, 300,
            'Seconds between AMQP heartbeats; 0 turns them off.'),
 )
 
@@ -314,7 +337,20 @@ def _shown(key: str, value: Any) -> str:
         return 'a value that is not shown because it is secret'
     if key in URL_KEYS and isinstance(value, str):
         return repr(mask_url(value))
+    if isinstance(value, str) and _looks_numeric(value):
+        return (f'the text {value!r}; YAML reads it as text, not a number (write '
+                'exponents with a sign, as in 1.0e+3)')
+    if isinstance(value, int) and not isinstance(value, bool) and len(str(value)) > 30:
+        return f'an integer of {len(str(value))} digits'
     return repr(value)
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 SECTIONS = ('Application', 'Daemon', 'Logging')
@@ -358,10 +394,45 @@ def load(path: str) -> Settings:
         logging=dict(logging_config) if logging_config else None)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a key given twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
+        seen = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f'duplicate key {key!r}; a second one would silently '
+                    'replace the first', key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML aliases can make a short file expand to billions of values.
+MAX_VALUES = 100_000
+
+
+def _count_values(document: Any) -> int:
+    """Return how many values ``document`` holds, stopping past MAX_VALUES."""
+    count, pending = 0, [document]
+    while pending and count <= MAX_VALUES:
+        value = pending.pop()
+        count += 1
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return count
+
+
 def _read(path: str) -> Any:
     try:
         with open(path, encoding='utf-8') as handle:
-            return yaml.safe_load(handle)
+            document = yaml.load(handle, Loader=_StrictLoader)
+    except IsADirectoryError:
+        raise ConfigError(path, ['is a directory; pass the configuration file with -c']) from None
     except FileNotFoundError:
         raise ConfigError(path, ['file not found; pass an existing file with -c']) from None
     except (OSError, UnicodeDecodeError) as error:
@@ -369,6 +440,10 @@ def _read(path: str) -> Any:
     except yaml.YAMLError as error:
         detail = ' '.join(str(error).split())
         raise ConfigError(path, [f'invalid YAML: {detail}']) from None
+    if _count_values(document) > MAX_VALUES:
+        raise ConfigError(path, [f'the file expands to more than {MAX_VALUES:,} values '
+                                 '(through YAML aliases?); write it out plainly'])
+    return document
 
 
 def _workers(collector: _Collector, workers: dict[str, Any]) -> dict[str, QueueSettings]:
@@ -417,10 +492,17 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
 
     Raises ValueError naming what is wrong with the URL.
     """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ('amqp', 'amqps'):
-        raise ValueError('must start with amqp:// or amqps://, got '
-                         f'{mask_url(url)!r}')
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as error:
+        raise ValueError(f'invalid URL {mask_url(url)!r}: {error}') from None
+    if parts.scheme not in ('amqp', 'amqps') or not url.startswith(f'{parts.scheme}://'):
+        raise ValueError('must look like amqp://user:password@host:port/vhost or '
+                         f'amqps://..., got {mask_url(url)!r}')
+    if parts.password is not None and ('#' in parts.password or '?' in parts.password
+                                       or '/' in parts.password):
+        raise ValueError('percent-encode the characters # ? / in the password '
+                         '(as %23 %3F %2F)')
     try:
         port = parts.port
     except ValueError:
@@ -431,8 +513,9 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
     query = urllib.parse.parse_qs(parts.query)
     ssl_options = tls.options_from_url_query(query) if secure else None
     heartbeat = query.get('heartbeat', query.get('heartbeat_interval', ['300']))[0]
-    if not heartbeat.isdigit():
-        raise ValueError(f'heartbeat must be a whole number of seconds, got {heartbeat!r}')
+    if not (heartbeat.isascii() and heartbeat.isdigit()) or int(heartbeat) > MAX_HEARTBEAT:
+        raise ValueError(f'heartbeat must be a whole number of seconds from 0 to '
+                         f'{MAX_HEARTBEAT}, got {heartbeat!r}')
     vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else '/'
     return RabbitMQSettings(
         host=parts.hostname or 'localhost',
@@ -444,29 +527,33 @@ def parse_amqp_url(url: str) -> RabbitMQSettings:
         heartbeat_interval=int(heartbeat))
 
 
-_LIBPQ_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)""")
+_LIBPQ_PASSWORD = re.compile(r"""password\s*=\s*('(?:[^'\\]|\\.)*(?:'|$)|\S+)""")
+_QUERY_PASSWORD = re.compile(r'([?&]password=)[^&#]*')
 
 
 def mask_url(url: str) -> str:
     """Return ``url`` with every password in it replaced by asterisks.
 
     Handles URLs (scheme://user:password@host, or ?password= in the query)
-    and libpq key=value strings, quoted or not.
+    and libpq key=value strings, quoted or not. It does not rely on the URL
+    being valid: libpq accepts passwords with characters such as # and ?
+    that a URL parser reads as the start of a fragment or query.
     """
-    if '://' not in url:
-        return _LIBPQ_PASSWORD.sub('password=****', url)
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if parts.password is not None:
-        user_info, _, host = netloc.rpartition('@')
-        netloc = f'{user_info.split(":", 1)[0]}:****@{host}'
-    query = parts.query
-    if 'password' in query:
-        query = urllib.parse.urlencode(
-            [(key, '****' if key == 'password' else value)
-             for key, value in urllib.parse.parse_qsl(query, keep_blank_values=True)],
-            safe='*')
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    scheme, separator, rest = url.partition('://')
+    if not separator:
+        if '=' in url:
+            return _LIBPQ_PASSWORD.sub('password=****', url)
+        if '@' in url:
+            # Neither a URL nor key=value: show nothing before the host.
+            return '****@' + url.rpartition('@')[2]
+        return url
+    # The user information ends at the last @, because a password may
+    # contain one; masking a bit too much is the safe side.
+    user_info, at, host_part = rest.rpartition('@')
+    if at and ':' in user_info:
+        rest = f'{user_info.split(":", 1)[0]}:****@{host_part}'
+    rest = _QUERY_PASSWORD.sub(r'\1****', rest)
+    return f'{scheme}://{rest}'
 
 
 def masked(value: Any) -> Any:
@@ -481,3 +568,35 @@ def masked(value: Any) -> Any:
     if isinstance(value, list):
         return [masked(item) for item in value]
     return value
+
+
+# Passwords shorter than this are not masked inside log lines, where they
+# would replace ordinary words; the well-known default is no secret.
+MIN_SECRET_LENGTH = 4
+PUBLIC_PASSWORDS = frozenset({'guest'})
+
+
+def secrets_in(settings: Settings) -> set[str]:
+    """Return the passwords of ``settings``, as written and percent-decoded."""
+    found = set()
+    for queue in settings.workers.values():
+        found.update(_url_passwords(queue.postgres_url))
+        found.add(queue.rabbitmq.password)
+        found.add(str((queue.rabbitmq.ssl_options or {}).get('password') or ''))
+    if settings.sentry_dsn:
+        found.update(_url_passwords(settings.sentry_dsn))
+    return {secret for secret in found
+            if len(secret) >= MIN_SECRET_LENGTH and secret not in PUBLIC_PASSWORDS}
+
+
+def _url_passwords(url: str) -> set[str]:
+    found = set()
+    for match in _LIBPQ_PASSWORD.finditer(url):
+        found.add(match.group(1).strip("'"))
+    scheme, separator, rest = url.partition('://')
+    user_info, at, _host = rest.rpartition('@')
+    if separator and at and ':' in user_info:
+        found.add(user_info.split(':', 1)[1])
+    for match in re.finditer(r'[?&]password=([^&#]*)', url):
+        found.add(match.group(1))
+    return found | {urllib.parse.unquote(secret) for secret in found}

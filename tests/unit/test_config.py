@@ -269,12 +269,67 @@ def test_missing_file(tmp_path: Path) -> None:
     assert 'not found' in caught.value.problems[0]
 
 
-def test_unreadable_path(tmp_path: Path) -> None:
+def test_directory_path(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load(str(tmp_path))
 
     assert len(caught.value.problems) == 1
-    assert 'cannot read' in caught.value.problems[0]
+    assert 'is a directory' in caught.value.problems[0]
+
+
+def test_duplicate_key_rejected(tmp_path: Path) -> None:
+    path = tmp_path / 'mikkoo.yml'
+    path.write_text('Application:\n  poll_interval: 1\nApplication:\n  poll_interval: 2\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+
+    assert 'duplicate key' in caught.value.problems[0]
+
+
+def test_alias_bomb_rejected(tmp_path: Path) -> None:
+    lines = ['a: &a [' + ', '.join(['x'] * 9) + ']']
+    for previous, name in zip('abcdef', 'bcdefg'):
+        lines.append(f'{name}: &{name} [' + ', '.join([f'*{previous}'] * 9) + ']')
+    path = tmp_path / 'mikkoo.yml'
+    path.write_text('\n'.join(lines) + '\nLogging: {x: *g}\n')
+
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+
+    assert 'expands to more than' in caught.value.problems[0]
+
+
+@pytest.mark.parametrize(('key', 'value'), [
+    ('poll_interval', 10 ** 400),
+    ('poll_interval', 1.0e300),
+    ('shutdown_timeout', 10 ** 400),
+])
+def test_huge_seconds_rejected(tmp_path: Path, key: str, value: object) -> None:
+    document = minimal_document()
+    document['Application'][key] = value
+
+    with pytest.raises(ConfigError) as caught:
+        load_document(tmp_path, document)
+
+    assert f'Application.{key}' in caught.value.problems[0]
+
+
+def test_password_with_hash_masked() -> None:
+    url = 'postgresql://postgres:Sec#ret1@127.0.0.1:5432/db'
+
+    assert 'Sec#ret1' not in config.mask_url(url)
+
+
+def test_secrets_in_collects_passwords(tmp_path: Path) -> None:
+    document = minimal_document()
+    set_key(document, ('Application', 'workers', 'orders', 'postgres_url'),
+            'postgresql://relay:Pg%23Secret@db/app')
+    set_key(document, (*RABBITMQ, 'password'), 'Rabbit-Secret')
+
+    secrets = config.secrets_in(load_document(tmp_path, document))
+
+    assert {'Pg%23Secret', 'Pg#Secret', 'Rabbit-Secret'} <= secrets
 
 
 def test_invalid_yaml(tmp_path: Path) -> None:
