@@ -566,6 +566,19 @@ def stop_pgqd() -> None:
     wait_until(lambda: pgqd_pid() is None, 30, message='pgqd to exit')
 
 
+def wait_ticked_by_pgqd(url: str, pgq_queue: str, ticks: int = 2,
+                        timeout: float = 30.0) -> None:
+    """Wait until ``pgq_queue`` gets ``ticks`` new ticks that the test did not make."""
+    def last_tick() -> int:
+        rows = sql(url, 'SELECT last_tick_id FROM pgq.get_queue_info(%s)', (pgq_queue,))
+        assert rows is not None
+        return int(rows[0][0])
+
+    first = last_tick()
+    wait_until(lambda: last_tick() >= first + ticks, timeout, interval=0.2,
+               message=f'{ticks} ticks by pgqd on {pgq_queue}')
+
+
 def start_pgqd() -> None:
     """Start pgqd with scripts/setup, which starts only what is missing."""
     run_command(str(ROOT / 'scripts' / 'setup'), timeout=300)
