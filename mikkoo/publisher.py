@@ -62,6 +62,10 @@ class BrokerUnavailable(Exception):
     """Raised when the broker connection is closed or cannot be opened."""
 
 
+class Interrupted(Exception):
+    """Raised when a stop is requested while waiting for the broker."""
+
+
 class ExchangeNotFound(Exception):
     """Raised when a message names an exchange that does not exist."""
 
@@ -92,19 +96,22 @@ class Publisher:
     """A blocking publisher over one AMQP connection and channel.
 
     ``wakeup_fd`` is a file descriptor that becomes readable when a signal
-    arrives (see :func:`signal.set_wakeup_fd`); waiting calls return early
-    when ``should_stop`` then returns true.
+    arrives (see :func:`signal.set_wakeup_fd`). Then :meth:`sleep` returns
+    early when ``should_stop`` returns true, and every other waiting call
+    raises Interrupted when ``should_interrupt`` returns true.
     """
 
     def __init__(self, settings: RabbitMQSettings, *, confirm: bool = True,
                  max_unconfirmed: int = 5000, name: str = 'mikkoo',
                  wakeup_fd: int | None = None,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 should_interrupt: Callable[[], bool] = lambda: False) -> None:
         self.settings = settings
         self.confirm = confirm
         self.max_unconfirmed = max_unconfirmed
         self.name = name
         self.should_stop = should_stop
+        self.should_interrupt = should_interrupt
         self.failures: list[tuple[Any, str]] = []
         self.delivered = 0
 
@@ -535,6 +542,8 @@ class Publisher:
         while not condition():
             if self._connection is None or self._connection_error is not None:
                 raise BrokerUnavailable(self._describe_error())
+            if self.should_interrupt():
+                raise Interrupted('stop requested while waiting for RabbitMQ')
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise BrokerUnavailable(f'RabbitMQ did not respond within {timeout:g} s (timed out)')

@@ -24,7 +24,7 @@ from mikkoo.backoff import Backoff
 from mikkoo.config import QueueSettings, Settings
 from mikkoo.mapping import Event, EventMapper, InvalidMessage, Message
 from mikkoo.pgq import BatchSource, ConsumerBusy, PgQNotInstalled
-from mikkoo.publisher import BrokerUnavailable, ExchangeNotFound, Publisher
+from mikkoo.publisher import BrokerUnavailable, ExchangeNotFound, Interrupted, Publisher
 from mikkoo.stats import Counters, StatsdClient
 from mikkoo.tls import TLSConfigError
 
@@ -105,6 +105,8 @@ class Worker:
         self.statsd = statsd
         self.should_stop = should_stop
         self.keep_registered = keep_registered
+        # Waits for the broker end early only when the batch may be abandoned.
+        publisher.should_interrupt = self.may_abandon
         self.mapper = EventMapper(settings.queue)
         self.database_backoff = Backoff()
         self.broker_backoff = Backoff()
@@ -143,6 +145,8 @@ class Worker:
     def _connect_broker(self) -> bool:
         try:
             self.publisher.connect()
+        except Interrupted:
+            return False
         except (BrokerUnavailable, TLSConfigError) as error:
             self._wait_to_retry('connect to RabbitMQ', error, self.broker_backoff)
             return False
@@ -220,7 +224,7 @@ class Worker:
                 self._with_broker(lambda: self.publisher.check_exchange(message.exchange))
             try:
                 self.publisher.publish(message, event)
-            except BrokerUnavailable:
+            except (BrokerUnavailable, Interrupted):
                 self._with_broker(lambda: self.publisher.publish(message, event))
         except (InvalidMessage, ExchangeNotFound) as error:
             self._failures.append((event, str(error)))
@@ -237,6 +241,8 @@ class Worker:
         while True:
             try:
                 return action()
+            except Interrupted:
+                raise StopRequested from None
             except BrokerUnavailable as error:
                 LOGGER.warning('queue %s: lost the RabbitMQ connection: %s', self.queue,
                                _one_line(error))
@@ -245,10 +251,18 @@ class Worker:
                     raise StopRequested
 
     def _check_stop(self) -> None:
-        # With unregister on, leaving the batch unfinished would lose it when
-        # the consumer unregisters, so the batch is finished first.
-        if self.should_stop() and not self.settings.unregister:
+        if self.may_abandon():
             raise StopRequested
+
+    def may_abandon(self) -> bool:
+        """Return whether a stop was requested and the batch may be left unfinished.
+
+        A worker that will unregister its consumer finishes the batch
+        first, because PgQ drops an unregistered consumer's batch. (The
+        consumer stays registered when the batch cannot be finished.)
+        """
+        return self.should_stop() and (not self.settings.unregister
+                                       or self.keep_registered())
 
     def _settle(self, batch_id: int, result: BatchResult) -> None:
         """Retry the failed events, setting aside those out of retries."""
