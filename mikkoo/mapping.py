@@ -135,11 +135,12 @@ class EventMapper:
         _check_shortstr(exchange, 'exchange (ev_extra1)')
         _check_shortstr(routing_key, 'routing key (ev_type)')
 
-        properties = self._event_properties(event)
+        # Most events carry no metadata; they skip the JSON steps entirely.
+        properties = self._event_properties(event) if event.extra3 else {}
         headers = properties.get('headers')
-        if headers is None:
+        if headers is None and event.extra4:
             headers = self._json_object(event, 'ev_extra4', event.extra4)
-        headers = self._clean_headers(event, headers or {})
+        headers = self._clean_headers(event, headers) if headers else {}
         self._add_automatic_headers(event, headers)
         properties['headers'] = headers
 

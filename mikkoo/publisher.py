@@ -330,7 +330,10 @@ class Publisher:
         BrokerUnavailable when the connection is lost; the messages in flight
         then stay in doubt and are sent again after :meth:`connect`.
         """
-        self._wait_for_window()
+        # The common case, checked inline: an open channel with room.
+        if (self._channel is None or self._in_doubt or self._connection_error is not None
+                or len(self._outstanding) >= self.max_unconfirmed):
+            self._wait_for_window()
         self._send(_Delivery(token, message))
 
     def _wait_for_window(self) -> None:

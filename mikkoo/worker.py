@@ -204,8 +204,10 @@ class Worker:
         result = BatchResult()
         self.publisher.delivered = 0
         for chunk in self.source.events(batch_id):
+            # A stop is honoured between chunks (fetch_size events), and
+            # waits for the broker within a chunk end early on their own.
+            self._check_stop()
             for event in chunk:
-                self._check_stop()
                 self._publish(event)
             # Settling per chunk keeps only the failures of one chunk in memory.
             self._settle(batch_id, result)
@@ -422,10 +424,14 @@ class _StopFlag:
     death of the controller.
     """
 
+    # Seconds between checks that the controller is still alive.
+    PARENT_CHECK_INTERVAL = 1.0
+
     def __init__(self) -> None:
         self.requested = False
         self.restart = False
         self.controller = os.getppid()
+        self._next_parent_check = 0.0
 
     def handle_stop(self, _signum: int, _frame: Any) -> None:
         self.requested = True
@@ -434,9 +440,14 @@ class _StopFlag:
         self.requested = self.restart = True
 
     def __call__(self) -> bool:
-        if not self.requested and os.getppid() != self.controller:
-            LOGGER.error('the controller (pid %d) is gone; stopping', self.controller)
-            self.requested = self.restart = True
+        if self.requested:
+            return True
+        now = time.monotonic()
+        if now >= self._next_parent_check:
+            self._next_parent_check = now + self.PARENT_CHECK_INTERVAL
+            if os.getppid() != self.controller:
+                LOGGER.error('the controller (pid %d) is gone; stopping', self.controller)
+                self.requested = self.restart = True
         return self.requested
 
     def keep_registered(self) -> bool:
