@@ -50,14 +50,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f'mikkoo: {error.path}: {problem}', file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
-    LOGGER.info('mikkoo %s starting with configuration %s: %s', __version__,
-                settings.path, masked(settings))
     if arguments.foreground:
         return run(settings, foreground=True)
     return daemonise(settings)
 
 
 def run(settings: Settings, foreground: bool = True) -> int:
+    LOGGER.info('mikkoo %s starting with configuration %s: %s', __version__,
+                settings.path, masked(settings))
     sentry.init(settings.sentry_dsn, __version__)
     try:
         controller = Controller(

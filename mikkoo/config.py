@@ -290,7 +290,8 @@ URL_KEYS = frozenset({'postgres_url', 'postgresql_url', 'rabbitmq_url'})
 class _Collector:
     """Gathers problems while the sections are checked."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.problems: list[str] = []
 
     def section(self, values: Any, where: str) -> dict[str, Any]:
@@ -307,7 +308,7 @@ class _Collector:
         known = {name for option in options for name in (option.key, *option.aliases)}
         for key in values:
             if key not in known:
-                LOGGER.warning('%s: unknown key %s.%s is ignored', 'config', where, key)
+                LOGGER.warning('%s: unknown key %s.%s is ignored', self.path, where, key)
         result: dict[str, Any] = {}
         for option in options:
             result[option.key] = self._option(values, option, where)
@@ -366,7 +367,7 @@ def load(path: str) -> Settings:
     # again from there.
     path = os.path.abspath(path)
     document = _read(path)
-    collector = _Collector()
+    collector = _Collector(path)
     root = collector.section(document, 'top level')
     for key in root:
         if key not in SECTIONS:

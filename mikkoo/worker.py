@@ -135,7 +135,8 @@ class Worker:
                 self.source.connect()
             except (psycopg2.Error, PgQNotInstalled, ConsumerBusy) as error:
                 self.source.close()
-                self._wait_to_retry('connect to PostgreSQL', error, self.database_backoff)
+                self._wait_to_retry('start consuming from PostgreSQL', error,
+                                    self.database_backoff)
                 return False
             LOGGER.info('queue %s: connected to PostgreSQL', self.queue)
         if not self.publisher.is_connected:
@@ -325,9 +326,9 @@ class Worker:
             self._failures.append((event, f'cannot encode the dead letter: {error}'))
 
     def _log_disposal(self, event: Event, reason: str, action: str) -> None:
-        LOGGER.warning('queue %s: %s event %s after %d retries (exchange %r, routing key '
-                       '%r): %s', self.queue, action, event.id, event.retry or 0,
-                       event.extra1 or '', event.type or '', reason)
+        LOGGER.warning('queue %s: %s event %s after %d failed deliveries (exchange %r, '
+                       'routing key %r): %s', self.queue, action, event.id,
+                       (event.retry or 0) + 1, event.extra1 or '', event.type or '', reason)
 
     def _warn_retries(self, batch_id: int, failures: list[tuple[Event, str]],
                       retries: list[tuple[Event, int | None]]) -> None:
