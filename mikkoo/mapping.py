@@ -135,23 +135,24 @@ class EventMapper:
         _check_shortstr(exchange, 'exchange (ev_extra1)')
         _check_shortstr(routing_key, 'routing key (ev_type)')
 
-        # Most events carry no metadata; they skip the JSON steps entirely.
-        properties = self._event_properties(event) if event.extra3 else {}
-        headers = properties.get('headers')
-        if headers is None and event.extra4:
-            headers = self._json_object(event, 'ev_extra4', event.extra4)
-        headers = self._clean_headers(event, headers) if headers else {}
-        self._add_automatic_headers(event, headers)
-        properties['headers'] = headers
-
-        properties.setdefault('app_id', 'mikkoo')
-        if 'correlation_id' not in properties:
-            properties['correlation_id'] = self.uuids.next()
-        properties.setdefault('timestamp', event.epoch)
-        if event.extra2 is not None and 'content_type' not in properties:
+        # The automatic values come first and the event's own override them.
+        # Most events carry no metadata and skip the JSON steps entirely.
+        headers = self._automatic_headers(event)
+        properties: dict[str, Any] = {'app_id': 'mikkoo',
+                                      'correlation_id': self.uuids.next(),
+                                      'timestamp': event.epoch}
+        if event.extra2:
             content_type = self._content_type(event)
             if content_type is not None:
                 properties['content_type'] = content_type
+        event_properties = self._event_properties(event) if event.extra3 else {}
+        event_headers = event_properties.pop('headers', None)
+        if event_headers is None and event.extra4:
+            event_headers = self._json_object(event, 'ev_extra4', event.extra4)
+        if event_headers:
+            headers.update(self._clean_headers(event, event_headers))
+        properties.update(event_properties)
+        properties['headers'] = headers
 
         body = event.data.encode('utf-8') if event.data is not None else b''
         return Message(exchange, routing_key, body, properties)
@@ -215,16 +216,12 @@ class EventMapper:
                 self._warn(event, f'header {name!r}', str(error))
         return clean
 
-    def _add_automatic_headers(self, event: Event, headers: dict[str, Any]) -> None:
-        # The event's own headers win over the automatic ones.
-        headers.setdefault('origin', self.origin)
-        headers.setdefault('sequence', self.sequence.next())
-        headers.setdefault('timestamp', event.time)
-        headers.setdefault('txid', event.txid)
-        # The queue and event id identify a redelivered event, so that a
+    def _automatic_headers(self, event: Event) -> dict[str, Any]:
+        # pgq_queue and pgq_event_id identify a redelivered event, so that a
         # consumer can drop the duplicates at-least-once delivery makes.
-        headers.setdefault('pgq_queue', self.queue)
-        headers.setdefault('pgq_event_id', event.id)
+        return {'origin': self.origin, 'sequence': self.sequence.next(),
+                'timestamp': event.time, 'txid': event.txid,
+                'pgq_queue': self.queue, 'pgq_event_id': event.id}
 
     def _warn(self, event: Event, field: str, problem: str) -> None:
         LOGGER.warning('queue %s event %s: %s left out: %s',
