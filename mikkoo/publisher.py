@@ -43,8 +43,8 @@ RPC_TIMEOUT = 30.0
 # that pika's own timeout fires first and reports the phase that hung.
 CONNECT_TIMEOUT = 20.0
 # Without confirmations, a Basic.Qos round trip after every this many
-# publishes (a quarter of the window) tells which messages the broker has
-# received; see Publisher._request_sync.
+# publishes (a quarter of the window) shows which messages the broker has
+# received. See Publisher._request_sync.
 SYNC_FRACTION = 4
 # AMQP reply codes of a connection the broker closed for a reason of its
 # own (shutdown, management action), not because of something we sent.
@@ -132,8 +132,6 @@ class Publisher:
         self._missing_exchanges: dict[str, float] = {}
         self._next_tag = 1
         self._outstanding: dict[int, _Delivery] = {}
-        # Outstanding delivery tags by _return_key, to match returned messages.
-        self._tags_by_key: dict[tuple[str, ...], list[int]] = {}
         self._in_doubt: collections.deque[_Delivery] = collections.deque()
         self._isolating = False
         # True when a message in flight may have caused the last channel or
@@ -142,7 +140,6 @@ class Publisher:
         self._suspect = False
         self._sync_every = max(1, max_unconfirmed // SYNC_FRACTION)
         self._last_sync_tag = 0
-        self._blocked = False
 
     # -- connection ----------------------------------------------------------
 
@@ -202,12 +199,10 @@ class Publisher:
         self._channel = self._probe = None
 
     def _on_blocked(self, _connection: Any, frame: pika.frame.Method) -> None:
-        self._blocked = True
         LOGGER.warning('%s: RabbitMQ blocked publishing (%s); waiting until it '
                        'unblocks', self.name, frame.method.reason)
 
     def _on_unblocked(self, _connection: Any, _frame: Any) -> None:
-        self._blocked = False
         LOGGER.info('%s: RabbitMQ unblocked publishing', self.name)
 
     # -- channel -------------------------------------------------------------
@@ -373,7 +368,6 @@ class Publisher:
     def forget_pending(self) -> None:
         """Drop every delivery in flight or in doubt, as when a batch is abandoned."""
         self._outstanding.clear()
-        self._tags_by_key.clear()
         self._in_doubt.clear()
         self.failures = []
 
@@ -401,10 +395,7 @@ class Publisher:
         tag = self._next_tag
         self._next_tag += 1
         self._outstanding[tag] = delivery
-        if self.confirm:
-            key = _return_key(message.properties)
-            self._tags_by_key.setdefault(key, []).append(tag)
-        elif tag - self._last_sync_tag >= self._sync_every:
+        if not self.confirm and tag - self._last_sync_tag >= self._sync_every:
             self._request_sync()
 
     def _request_sync(self) -> None:
@@ -426,21 +417,24 @@ class Publisher:
             pass
 
     def _on_synced(self, upto: int) -> None:
-        settled = []
+        self.delivered += len(self._pop_through(upto))
+
+    def _pop_through(self, upto: int) -> list[_Delivery]:
+        """Remove and return the outstanding deliveries with tags up to ``upto``."""
+        # Tags enter the dict in increasing order, so these are a prefix of it.
+        tags = []
         for tag in self._outstanding:
             if tag > upto:
                 break
-            settled.append(tag)
-        for tag in settled:
-            del self._outstanding[tag]
-        self.delivered += len(settled)
+            tags.append(tag)
+        return [self._outstanding.pop(tag) for tag in tags]
 
     def _isolate_in_doubt(self) -> None:
         """Send each in-doubt message alone and wait for its outcome.
 
         The broker closed the channel or connection with an error while
-        these messages were in flight; sending them one at a time finds the
-        message at fault, which fails, while the others are delivered.
+        these messages were in flight. Sent one at a time, the message at
+        fault fails alone and the others are delivered.
         """
         LOGGER.info('%s: publishing %d messages in doubt again, one at a time',
                     self.name, len(self._in_doubt))
@@ -463,19 +457,11 @@ class Publisher:
         method = frame.method
         failed = isinstance(method, pika.spec.Basic.Nack)
         if method.multiple:
-            # Tags enter the dict in increasing order, so the settled ones
-            # are a prefix of it.
-            tags = []
-            for tag in self._outstanding:
-                if tag > method.delivery_tag:
-                    break
-                tags.append(tag)
+            settled = self._pop_through(method.delivery_tag)
         else:
-            tags = [method.delivery_tag]
-        for tag in tags:
-            delivery = self._settle(tag)
-            if delivery is None:
-                continue
+            delivery = self._outstanding.pop(method.delivery_tag, None)
+            settled = [] if delivery is None else [delivery]
+        for delivery in settled:
             if failed:
                 self.failures.append((delivery.token, 'the broker rejected it (nack)'))
             else:
@@ -483,44 +469,33 @@ class Publisher:
 
     def _on_return(self, _channel: Any, method: pika.spec.Basic.Return,
                    properties: pika.BasicProperties, _body: bytes) -> None:
-        # A return arrives before the ack of the same message, so its tag is
-        # still outstanding. Returns come in publish order, so among messages
-        # with the same key the oldest outstanding one is returned.
-        tags = self._tags_by_key.get(_return_key(vars(properties)))
-        if not tags:
-            LOGGER.warning('%s: cannot match a returned message (exchange %r, '
-                           'routing key %r)', self.name, method.exchange,
-                           method.routing_key)
-            return
-        delivery = self._settle(tags[0])
-        if delivery is not None:
-            self.failures.append((delivery.token,
-                                  f'unroutable: {method.reply_code} {method.reply_text}'))
-
-    def _settle(self, tag: int) -> _Delivery | None:
-        delivery = self._outstanding.pop(tag, None)
-        if delivery is None:
-            return None
-        key = _return_key(delivery.message.properties)
-        tags = self._tags_by_key.get(key)
-        if tags:
-            tags.remove(tag)
-            if not tags:
-                del self._tags_by_key[key]
-        return delivery
+        # A return arrives before the ack of the same message, so the message
+        # is still outstanding. Returns come in publish order, so among
+        # messages with the same key the oldest outstanding one is returned.
+        # Returns are rare, so scanning here costs less than keeping an index
+        # up to date for every message published.
+        key = _return_key(vars(properties))
+        for tag, delivery in self._outstanding.items():
+            if _return_key(delivery.message.properties) == key:
+                del self._outstanding[tag]
+                self.failures.append(
+                    (delivery.token, f'unroutable: {method.reply_code} {method.reply_text}'))
+                return
+        LOGGER.warning('%s: cannot match a returned message (exchange %r, routing key %r)',
+                       self.name, method.exchange, method.routing_key)
 
     def _fail_outstanding(self, reason: str) -> None:
-        for tag in list(self._outstanding):
-            delivery = self._settle(tag)
-            if delivery is not None:
-                self.failures.append((delivery.token, reason))
+        for delivery in self._outstanding.values():
+            self.failures.append((delivery.token, reason))
+        self._outstanding.clear()
 
     def _mark_in_doubt(self) -> None:
         if not self._outstanding:
             return
-        doubt = [self._outstanding[tag] for tag in sorted(self._outstanding)]
+        # Tags enter the dict in increasing order, so its values are in
+        # publish order.
+        doubt = list(self._outstanding.values())
         self._outstanding.clear()
-        self._tags_by_key.clear()
         self._in_doubt.extendleft(reversed(doubt))
 
     # -- I/O loop ------------------------------------------------------------
@@ -603,10 +578,10 @@ def _root_cause(error: BaseException) -> BaseException:
 
 
 def _return_key(properties: dict[str, Any]) -> tuple[str, ...]:
-    """Return what tells a returned message from the others in flight.
+    """Return the key that separates a returned message from the others in flight.
 
     Every message mikkoo publishes carries a fresh correlation_id and a
-    sequence header unless the event sets them; the event id headers of
+    sequence header unless the event sets them, and the event id headers of
     events and dead letters separate the rest. repr() makes any header
     value hashable.
     """
@@ -625,8 +600,8 @@ def _key_part(value: Any) -> str:
 def _is_caused_by_message(reason: BaseException) -> bool:
     """Return whether the broker closed the channel or connection over an error.
 
-    A forced close (an operator, a broker shutdown) or a lost socket tells
-    nothing about the messages in flight.
+    A forced close (an operator, a broker shutdown) or a lost socket gives
+    no information about the messages in flight.
     """
     return (isinstance(reason, (pika.exceptions.ConnectionClosedByBroker,
                                 pika.exceptions.ChannelClosedByBroker))
