@@ -8,8 +8,8 @@ from collections.abc import Callable
 class Backoff:
     """Count attempts and compute the delay before the next one.
 
-    The delay doubles from ``initial`` up to ``maximum`` seconds; jitter
-    spreads it by up to ``jitter`` (a fraction) either way so that workers
+    The delay doubles from ``initial`` up to ``maximum`` seconds. Jitter
+    spreads it by up to ``jitter`` (a fraction) either way, so that workers
     that failed together do not retry together.
     """
 

@@ -250,8 +250,8 @@ class Controller:
 
         The order matters. No worker is started any more, and running
         workers get SIGTERM and settle the batch in hand. Workers still
-        alive at the deadline are killed; their batch is read again on the
-        next start, so nothing is lost, only repeated.
+        alive at the deadline are killed. PgQ hands their unfinished batch
+        out again on the next start, so its events are repeated, not lost.
         """
         self.stopping = True
         self.stop_deadline = self.ops.monotonic() + self.settings.shutdown_timeout

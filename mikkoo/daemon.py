@@ -17,7 +17,7 @@ DEFAULT_PIDFILE = '/tmp/mikkoo.pid'
 
 
 class DaemonError(Exception):
-    """Raised when the daemon cannot be started; the message says why."""
+    """Raised when the daemon cannot be started; the message names the cause."""
 
 
 class Pidfile:

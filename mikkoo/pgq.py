@@ -55,9 +55,9 @@ class ConsumerBusy(Exception):
     """Raised when another session already consumes the queue as this consumer."""
 
 
-# TCP keepalives find a database host that vanished without closing the
-# connection; the statement timeout ends a query blocked for minutes (for
-# example by a lock on the queue's tables), which is then retried.
+# TCP keepalives detect a database host that vanished without closing the
+# connection. The statement timeout ends a query blocked for minutes, for
+# example by a lock on the queue's tables, and the query is then retried.
 KEEPALIVES: dict[str, Any] = {'keepalives': 1, 'keepalives_idle': 30, 'keepalives_interval': 10,
               'keepalives_count': 3}
 STATEMENT_TIMEOUT = '5min'
@@ -165,7 +165,7 @@ class BatchSource:
         The events are read through a server-side cursor in a transaction
         that stays open until :meth:`finish` or :meth:`abandon`. The next
         chunk is fetched in a thread while the caller works on the current
-        one; psycopg2 lets one thread use the connection at a time.
+        one. psycopg2 serialises the two threads' use of the connection.
         """
         cursor = self._cursor()
         cursor.execute('SELECT pgq.batch_event_sql(%s)', (batch_id,))

@@ -421,8 +421,8 @@ class _StopFlag:
     """Record the stop signals; the handlers do nothing else.
 
     SIGTERM stops the worker. SIGUSR1 stops it for a restart, which keeps
-    the consumer registered whatever ``unregister`` says, and so does the
-    death of the controller.
+    the consumer registered whatever ``unregister`` is set to, and so does
+    the death of the controller.
     """
 
     # Seconds between checks that the controller is still alive.
@@ -461,7 +461,7 @@ def main(settings: Settings, queue: str, counters: Counters) -> int:
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.handle_stop)
     signal.signal(signal.SIGUSR1, stop.handle_restart)
-    # The controller owns SIGINT and SIGHUP; it tells workers to stop with SIGTERM.
+    # The controller handles SIGINT and SIGHUP and stops workers with SIGTERM.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)

@@ -3,7 +3,7 @@
 The tests run the real ``mikkoo`` command against the local PostgreSQL with
 PgQ and the local RabbitMQ that ``scripts/setup`` starts. They fail, never
 skip, when either service is unreachable, so that CI cannot pass without
-them; the only skip is for a server that lacks the pgq extension entirely.
+them. The only skip is for a server that lacks the pgq extension entirely.
 
 Building blocks, meant to be reused by further tests:
 

@@ -1,7 +1,7 @@
 """End to end: mikkoo-audit finds the audited event that never reached RabbitMQ.
 
 The database has sql/mikkoo.sql installed. Audited events are inserted
-while the relay is stopped but its consumer is registered; one event row
+while the relay is stopped but its consumer is registered. One event row
 is then deleted from PgQ's event table by hand, so the relay never reads
 it. mikkoo-audit must report exactly that event.
 """

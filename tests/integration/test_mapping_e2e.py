@@ -1,6 +1,6 @@
 """End to end: each PgQ event column becomes the AMQP message part it maps to.
 
-One relay (one mikkoo process, one PgQ queue) serves the whole module; each
+One relay (one mikkoo process, one PgQ queue) serves the whole module. Each
 test routes its events to RabbitMQ queues of its own, so the tests do not
 see each other's messages.
 """
