@@ -49,6 +49,12 @@ SYNC_FRACTION = 4
 # AMQP reply codes of a connection the broker closed for a reason of its
 # own (shutdown, management action), not because of something we sent.
 CONNECTION_FORCED = 320
+# pika queues each frame as a buffer of its own and writes each with one
+# send() call, three per message. Before each I/O loop turn the queued
+# buffers are joined into chunks of at most this many bytes. In the
+# benchmark that cut the worker's CPU time per message by about 30%.
+# The bound keeps pika's copy of a partly sent chunk small.
+SEND_CHUNK_BYTES = 256 * 1024
 
 
 # pika raises these when a channel or connection closed under a call.
@@ -73,6 +79,41 @@ class ExchangeNotFound(Exception):
 class _Delivery(NamedTuple):
     token: Any
     message: Message
+
+
+def send_buffers(connection: pika.SelectConnection | None) -> collections.deque[bytes] | None:
+    """Return the queue of bytes that ``connection`` has yet to send.
+
+    The queue is internal to pika. Returns None when this pika version keeps
+    it elsewhere, and then each buffer is sent as pika queued it.
+    """
+    transport = getattr(connection, '_transport', None)
+    buffers = getattr(transport, '_tx_buffers', None)
+    return buffers if isinstance(buffers, collections.deque) else None
+
+
+def coalesce(buffers: collections.deque[bytes], chunk_bytes: int) -> None:
+    """Join ``buffers`` after the first, in place, into chunks of at most ``chunk_bytes``.
+
+    The first buffer stays as it is: a TLS write that could not finish must
+    be retried with the same bytes. A buffer longer than ``chunk_bytes``
+    stays whole. The bytes and their order are unchanged.
+    """
+    if len(buffers) < 3:
+        return
+    head = buffers.popleft()
+    chunks: list[bytes] = [head]
+    pending: list[bytes] = []
+    size = 0
+    for buffer in buffers:
+        if pending and size + len(buffer) > chunk_bytes:
+            chunks.append(b''.join(pending))
+            pending, size = [], 0
+        pending.append(buffer)
+        size += len(buffer)
+    chunks.append(b''.join(pending))
+    buffers.clear()
+    buffers.extend(chunks)
 
 
 def connection_parameters(settings: RabbitMQSettings, name: str) -> pika.ConnectionParameters:
@@ -536,6 +577,9 @@ class Publisher:
         """Run one I/O loop turn, waiting at most ``timeout`` seconds."""
         if timeout is not None:
             timer = self._ioloop.call_later(max(timeout, 0), lambda: None)
+        buffers = send_buffers(self._connection)
+        if buffers is not None:
+            coalesce(buffers, SEND_CHUNK_BYTES)
         self._ioloop.poll()
         self._ioloop.process_timeouts()
         if timeout is not None:
