@@ -3,9 +3,9 @@ import pytest
 
 from mikkoo.config import RabbitMQSettings
 from mikkoo.mapping import Message
-from mikkoo.publisher import Publisher, send_buffers
+from mikkoo.publisher import FLUSH_EVERY, Publisher, send_buffers
 
-from .conftest import AMQPHelper, rabbitmq_settings
+from .conftest import AMQPHelper, rabbitmq_settings, wait_until
 
 
 @pytest.mark.parametrize('confirm', [True, False])
@@ -31,3 +31,20 @@ def test_pipelined_messages_arrive_in_order(amqp: AMQPHelper, confirm: bool) -> 
     assert publisher.delivered == len(bodies)
     received = amqp.get_messages(queue, count=len(bodies))
     assert [message.body for message in received] == bodies
+
+
+def test_messages_sent_before_window_fills(amqp: AMQPHelper) -> None:
+    queue = amqp.declare_queue()
+    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True,
+                          max_unconfirmed=10 * FLUSH_EVERY)
+    publisher.connect()
+    try:
+        for number in range(FLUSH_EVERY):
+            publisher.publish(Message('', queue, b'early', {}), number)
+
+        # No further publisher call: the last publish has handed the
+        # frames to the socket although the window is far from full.
+        wait_until(lambda: amqp.message_count(queue) == FLUSH_EVERY, timeout=10,
+                   message=lambda: f'{amqp.message_count(queue)} messages arrived')
+    finally:
+        publisher.close()
