@@ -19,6 +19,7 @@ import pika.channel
 import pika.frame
 
 from benchmarks.services import CONTENT_TYPE, Database, event_body, rabbitmq_parameters
+from mikkoo.publisher import FLUSH_EVERY, SEND_CHUNK_BYTES, coalesce, send_buffers
 
 PGQ_CURSOR = 'benchmark_batch'
 
@@ -39,15 +40,18 @@ class PipelinedPublisher:
     Basic.Qos round trip follows every quarter window of messages. At most
     ``window`` messages are sent but not yet proven routed by its reply.
     The run ends when a passive queue declare counts all ``count`` messages
-    in the queue.
+    in the queue. With ``join_writes`` it writes as mikkoo does: the loop
+    turns after every ``FLUSH_EVERY`` publishes, and the frames queued
+    since the last turn are joined before pika sends them.
     """
 
     def __init__(self, queue: str, count: int, *, confirm: bool, window: int,
-                 timeout: float) -> None:
+                 timeout: float, join_writes: bool = False) -> None:
         self.queue = queue
         self.count = count
         self.confirm = confirm
         self.window = window
+        self.join_writes = join_writes
         self.timeout = timeout
         self.sync_every = max(window // 4, 1)
         self.origin = socket.getfqdn()
@@ -125,8 +129,14 @@ class PipelinedPublisher:
         self._fill_window()
 
     def _fill_window(self) -> None:
-        assert self._channel is not None
+        assert self._channel is not None and self._connection is not None
+        burst = 0
         while self.published < self.count and self.published - self.settled < self.window:
+            if self.join_writes and burst == FLUSH_EVERY:
+                # The loop sends what is queued, then calls this again.
+                self._connection.ioloop.call_later(0, self._fill_window)
+                break
+            burst += 1
             self.published += 1
             self._channel.basic_publish('', self.queue, event_body(self.published),
                                         self._properties(self.published))
@@ -134,6 +144,9 @@ class PipelinedPublisher:
                 self._unacked.add(self.published)
             elif self.published % self.sync_every == 0 or self.published == self.count:
                 self._request_sync(self.published)
+        buffers = send_buffers(self._connection) if self.join_writes else None
+        if buffers is not None:
+            coalesce(buffers, SEND_CHUNK_BYTES)
 
     def _properties(self, number: int) -> pika.BasicProperties:
         # The properties and headers mikkoo sets on a message.
@@ -196,10 +209,11 @@ class PipelinedPublisher:
             self._fill_window()
 
 
-def publish_limit(queue: str, count: int, *, confirm: bool, window: int) -> float:
+def publish_limit(queue: str, count: int, *, confirm: bool, window: int,
+                  join_writes: bool = False) -> float:
     """Return the rate in messages per second of one :class:`PipelinedPublisher` run."""
     publisher = PipelinedPublisher(queue, count, confirm=confirm, window=window,
-                                   timeout=60 + count / 500)
+                                   timeout=60 + count / 500, join_writes=join_writes)
     return count / publisher.run()
 
 

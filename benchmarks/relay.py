@@ -7,7 +7,7 @@ on 127.0.0.1::
     python3 -m benchmarks.relay --quick      # a smoke run of a few seconds
 
 Each repetition measures, in this order: a pika publisher with confirms
-on and off, a plain PgQ reader, then mikkoo with ``confirm: true`` and
+on and off, plain and with joined writes, a plain PgQ reader, then mikkoo with ``confirm: true`` and
 ``confirm: false`` on a backlog of ``--events`` events. Then, once per
 repetition, the pika publisher with confirms on and mikkoo with
 ``confirm: true`` each send ``--big-batch`` messages, mikkoo's in one
@@ -51,6 +51,10 @@ QUICK = {'events': 2000, 'repeat': 1, 'big_batch': 0, 'idle_seconds': 2.0}
 LIMIT_CONFIRM = 'limit: pika publisher, confirm on'
 LIMIT_NO_CONFIRM = 'limit: pika publisher, confirm off'
 LIMIT_PGQ = 'limit: PgQ drain, no AMQP'
+# The same publisher joining its queued frames before each send, as mikkoo
+# does: a stricter bar, reported beside the targets' limits.
+JOINED_CONFIRM = 'reference: pika publisher, joined writes, confirm on'
+JOINED_NO_CONFIRM = 'reference: pika publisher, joined writes, confirm off'
 PER_10K = 'CPU s/10k ev'
 # Attempts of one measurement when RabbitMQ closes connections during it.
 MEASURE_ATTEMPTS = 3
@@ -151,9 +155,9 @@ class Benchmark:
             LOGGER.info('repetition %d of %d, %d events', index, repeat, events)
             self.measure_limits(index)
             self.measure_mikkoo(f'r{index}', events, True, 'mikkoo confirm: true',
-                                LIMIT_CONFIRM)
+                                LIMIT_CONFIRM, JOINED_CONFIRM)
             self.measure_mikkoo(f'r{index}', events, False, 'mikkoo confirm: false',
-                                LIMIT_NO_CONFIRM)
+                                LIMIT_NO_CONFIRM, JOINED_NO_CONFIRM)
         big_batch = self.arguments.big_batch
         if big_batch:
             # RabbitMQ's rate can change as its queue grows, so the big batch
@@ -175,6 +179,8 @@ class Benchmark:
         events = self.arguments.events
         self.measure_publisher(LIMIT_CONFIRM, events, confirm=True)
         self.measure_publisher(LIMIT_NO_CONFIRM, events, confirm=False)
+        self.measure_publisher(JOINED_CONFIRM, events, confirm=True, join_writes=True)
+        self.measure_publisher(JOINED_NO_CONFIRM, events, confirm=False, join_writes=True)
 
         queue = f'pgq_drain_{index}'
         self.database.create_queue(queue, PGQ_CONSUMER)
@@ -188,18 +194,21 @@ class Benchmark:
         self.figures.add(LIMIT_PGQ, 'events/s', rate)
         LOGGER.info('%s: %.0f events/s', LIMIT_PGQ, rate)
 
-    def measure_publisher(self, name: str, events: int, confirm: bool) -> None:
-        rate, cpu = self._undisturbed(name, lambda: self._publish(name, events, confirm))
+    def measure_publisher(self, name: str, events: int, confirm: bool,
+                          join_writes: bool = False) -> None:
+        rate, cpu = self._undisturbed(
+            name, lambda: self._publish(name, events, confirm, join_writes))
         self.figures.add(name, 'events/s', rate)
         self.figures.add(f'{name}, CPU', PER_10K, cpu / events * 10_000)
         LOGGER.info('%s: %.0f events/s', name, rate)
 
-    def _publish(self, name: str, events: int, confirm: bool) -> tuple[float, float]:
+    def _publish(self, name: str, events: int, confirm: bool,
+                 join_writes: bool) -> tuple[float, float]:
         """Run the pika publisher once; return its rate and its CPU seconds."""
         self._check_broker_empty()
         cpu_started = time.process_time()
         rate = limits.publish_limit(self.broker.name, events, confirm=confirm,
-                                    window=self.arguments.window)
+                                    window=self.arguments.window, join_writes=join_writes)
         cpu = time.process_time() - cpu_started
         self._check_delivered(name, events)
         self.broker.purge()
@@ -231,17 +240,19 @@ class Benchmark:
     # -- mikkoo --------------------------------------------------------------
 
     def measure_mikkoo(self, run_id: str, events: int, confirm: bool, label: str,
-                       limit_name: str, big_batch: bool = False) -> None:
+                       limit_name: str, reference_name: str | None = None,
+                       big_batch: bool = False) -> None:
         """Relay a backlog of ``events`` events with mikkoo and record its figures.
 
-        Its rate is compared with the latest value of the figure ``limit_name``.
+        Its rate is compared with the latest value of the figure ``limit_name``,
+        and of ``reference_name`` when given.
         """
         queue = f'relay_{run_id}_{"confirm" if confirm else "noconfirm"}'
         insert_seconds, result = self._undisturbed(
             label, lambda: self._relay(queue, events, confirm, label))
         if big_batch:
             self.figures.add(f'{label}, insert', 's', insert_seconds)
-        self._record_drain(label, events, result, limit_name)
+        self._record_drain(label, events, result, limit_name, reference_name)
 
     def _relay(self, queue: str, events: int, confirm: bool,
                label: str) -> tuple[float, DrainResult]:
@@ -280,20 +291,27 @@ class Benchmark:
         return result
 
     def _record_drain(self, label: str, events: int, result: DrainResult,
-                      limit_name: str) -> None:
+                      limit_name: str, reference_name: str | None) -> None:
         rate = events / result.seconds
         self.figures.add(label, 'events/s', rate)
         # The limit was measured just before, so that a busier machine slows
         # both sides of the ratio.
-        limit = self.figures.get(limit_name)
-        assert limit is not None
-        self.figures.add(f'{label}, of limit', '%', 100 * rate / limit.values[-1])
+        self.figures.add(f'{label}, of limit', '%', self._percent_of(rate, limit_name))
+        if reference_name is not None:
+            self.figures.add(f'{label}, of joined-writes reference', '%',
+                             self._percent_of(rate, reference_name))
         self.figures.add(f'{label}, CPU', PER_10K, result.cpu_seconds / events * 10_000)
         self.figures.add(f'{label}, worker peak RSS', 'MB',
                          result.worker_peak_rss_bytes / 1e6)
         self.figures.add(f'{label}, first message', 's', result.first_message_seconds)
         LOGGER.info('%s: %.0f events/s, first message after %.2f s', label, rate,
                     result.first_message_seconds)
+
+    def _percent_of(self, rate: float, figure_name: str) -> float:
+        """Return ``rate`` in percent of the latest value of ``figure_name``."""
+        figure = self.figures.get(figure_name)
+        assert figure is not None
+        return 100 * rate / figure.values[-1]
 
     def measure_idle(self) -> None:
         queue = 'relay_idle'

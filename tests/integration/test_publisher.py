@@ -15,7 +15,7 @@ def test_pipelined_messages_arrive_in_order(amqp: AMQPHelper, confirm: bool) -> 
                           max_unconfirmed=2000)
     publisher.connect()
     try:
-        # pika keeps its send buffers in a private attribute; when a pika
+        # pika keeps its send buffers in a private attribute. When a pika
         # release moves them, mikkoo still works but sends each frame alone.
         assert send_buffers(publisher._connection) is not None
         # A full window queues far more than SEND_CHUNK_BYTES, so the
