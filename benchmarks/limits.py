@@ -1,7 +1,7 @@
 """Measure the rates a relay is compared with: a plain pika publisher and a plain PgQ reader.
 
 :class:`PipelinedPublisher` publishes the same kind of messages mikkoo
-sends (same body size, properties and number of headers) with a window of
+sends (same body size, properties and headers, so the same frame sizes) with a window of
 unsettled messages, so it sets the rate that one Python process with pika
 can reach on this broker. :func:`drain_pgq` reads and finishes batches
 with psycopg2 and nothing else, which sets the rate PgQ can hand out events.
@@ -18,10 +18,16 @@ import pika
 import pika.channel
 import pika.frame
 
+from benchmarks import interrupt
 from benchmarks.services import CONTENT_TYPE, Database, event_body, rabbitmq_parameters
 from mikkoo.publisher import FLUSH_EVERY, SEND_CHUNK_BYTES, coalesce, send_buffers
 
 PGQ_CURSOR = 'benchmark_batch'
+# Seconds between two checks for SIGTERM or Ctrl-C while the publisher runs.
+INTERRUPT_CHECK_SECONDS = 0.1
+# The pgq_queue header of the limit's messages: as long as the name of a
+# PgQ queue mikkoo relays in the benchmark.
+PGQ_QUEUE_NAME = 'relay_r1_confirm'
 
 
 class PublishFailed(Exception):
@@ -78,7 +84,9 @@ class PipelinedPublisher:
             on_open_error_callback=self._on_open_error,
             on_close_callback=self._on_closed)
         self._connection.ioloop.call_later(self.timeout, self._on_timeout)
-        self._connection.ioloop.start()
+        self._connection.ioloop.call_later(INTERRUPT_CHECK_SECONDS, self._check_interrupt)
+        with interrupt.deferred():
+            self._connection.ioloop.start()
         if self._connection_lost:
             raise ConnectionLost(self._error)
         if self._error is not None:
@@ -115,6 +123,17 @@ class PipelinedPublisher:
             self._stop(f'timed out after {self.timeout:g} s with {self.settled} of '
                        f'{self.count} messages settled')
 
+    def _check_interrupt(self) -> None:
+        assert self._connection is not None
+        if not interrupt.pending():
+            self._connection.ioloop.call_later(INTERRUPT_CHECK_SECONDS,
+                                               self._check_interrupt)
+        elif self._connection.is_open:
+            # _on_closed stops the loop, then interrupt.deferred raises.
+            self._stop('interrupted')
+        else:
+            self._connection.ioloop.stop()
+
     def _stop(self, error: str | None = None) -> None:
         if error is not None and self._error is None:
             self._error = error
@@ -130,6 +149,8 @@ class PipelinedPublisher:
 
     def _fill_window(self) -> None:
         assert self._channel is not None and self._connection is not None
+        if not self._channel.is_open:
+            return   # stopping: replies still arriving must not publish more
         burst = 0
         while self.published < self.count and self.published - self.settled < self.window:
             if self.join_writes and burst == FLUSH_EVERY:
@@ -157,7 +178,8 @@ class PipelinedPublisher:
             headers={'origin': self.origin, 'sequence': time.time_ns() // 1000,
                      'timestamp': datetime.datetime.fromtimestamp(
                          now, datetime.timezone.utc).isoformat(),
-                     'txid': 1_000_000 + number})
+                     'txid': 1_000_000 + number,
+                     'pgq_queue': PGQ_QUEUE_NAME, 'pgq_event_id': number})
 
     def _on_confirmation(self, frame: pika.frame.Method) -> None:
         method = frame.method

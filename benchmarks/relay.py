@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -34,7 +35,7 @@ if __package__ in (None, ''):
 import pika.exceptions  # noqa: E402
 import psycopg2  # noqa: E402
 
-from benchmarks import limits, report, services  # noqa: E402
+from benchmarks import interrupt, limits, report, services  # noqa: E402
 from benchmarks.mikkoo_run import (  # noqa: E402
     DrainResult, MikkooProcess, RelayFailed, measure_idle, wait_for_drain, write_config)
 
@@ -60,10 +61,6 @@ PER_10K = 'CPU s/10k ev'
 MEASURE_ATTEMPTS = 3
 
 T = TypeVar('T')
-
-
-class Interrupted(Exception):
-    """Raised by the SIGTERM handler so that cleanup code runs."""
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -114,6 +111,21 @@ def _check_arguments(parser: argparse.ArgumentParser, arguments: argparse.Namesp
     if not 0 < arguments.idle_seconds <= 600:
         parser.error(f'--idle-seconds must be above 0 and at most 600, '
                      f'got {arguments.idle_seconds}')
+    if arguments.log_dir is not None:
+        if arguments.log_dir.exists() and not arguments.log_dir.is_dir():
+            parser.error(f'--log-dir {arguments.log_dir}: not a directory; name a '
+                         'directory or a path to create one at')
+        try:
+            arguments.log_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f'--log-dir {arguments.log_dir}: cannot create the directory: '
+                         f'{error.strerror}')
+    if arguments.json is not None:
+        # Checked now, so that a long run does not end in a failed write.
+        folder = arguments.json.parent
+        if arguments.json.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            parser.error(f'--json {arguments.json}: not a writable file path; name a '
+                         'file in an existing, writable directory')
 
 
 class Benchmark:
@@ -365,15 +377,27 @@ class Benchmark:
                          '% of a core'),
         ]
 
+    def comparisons(self) -> dict[str, float | None]:
+        """Return mikkoo's median rates in percent of the joined-writes reference's."""
+        return {
+            'mikkoo confirm: true, median rate / median reference':
+                self._percent_of_medians('mikkoo confirm: true', JOINED_CONFIRM),
+            'mikkoo confirm: false, median rate / median reference':
+                self._percent_of_medians('mikkoo confirm: false', JOINED_NO_CONFIRM),
+        }
+
     def _rate_target(self, description: str, rate_name: str, limit_name: str,
                      threshold: float) -> report.Target:
+        value = self._percent_of_medians(rate_name, limit_name)
+        return report.Target(description, value, '>=', threshold, '%')
+
+    def _percent_of_medians(self, rate_name: str, limit_name: str) -> float | None:
         # A ratio of medians, because one limit run slowed by other load on
         # the machine skews the ratios of its own repetition.
         rate, limit = self.figures.get(rate_name), self.figures.get(limit_name)
-        value = None
-        if rate is not None and limit is not None:
-            value = 100 * rate.median / limit.median
-        return report.Target(description, value, '>=', threshold, '%')
+        if rate is None or limit is None:
+            return None
+        return 100 * rate.median / limit.median
 
     def _target(self, description: str, figure_name: str, comparison: str,
                 threshold: float, unit: str) -> report.Target:
@@ -391,8 +415,20 @@ class Benchmark:
                                         self.broker.server_version),
             'figures': [figure.as_dict() for figure in self.figures.by_name.values()],
             'targets': [target.as_dict() for target in self.targets()],
+            'comparisons': self.comparisons(),
+            'notes': self.notes(),
             'warnings': self.warnings,
         }
+
+    def notes(self) -> list[str]:
+        notes = []
+        if self.arguments.quick:
+            notes.append('A --quick run relays too few events for its rates to mean '
+                         'anything: start-up takes most of each run.')
+        if not self.arguments.big_batch:
+            notes.append('The big batch was skipped (--big-batch 0), so its RSS target '
+                         'is not measured.')
+        return notes
 
 
 def format_report(summary: dict[str, Any], benchmark: Benchmark) -> str:
@@ -409,17 +445,19 @@ def format_report(summary: dict[str, Any], benchmark: Benchmark) -> str:
         ('settings', report.format_pairs(settings)),
         ('results', report.format_table(benchmark.figures)),
         ('targets', report.format_targets(benchmark.targets())),
+        ('compared with the joined-writes reference (no targets)',
+         report.format_pairs({description: _percent(value) for description, value
+                              in summary['comparisons'].items()})),
     ]
-    if arguments['quick']:
-        sections.append(('note', 'A --quick run relays too few events for its rates to '
-                                 'mean anything: start-up takes most of each run.'))
+    if summary['notes']:
+        sections.append(('notes', '\n'.join(summary['notes'])))
     if summary['warnings']:
         sections.append(('warnings', '\n'.join(summary['warnings'])))
     return '\n\n'.join(f'{title}\n{text}' for title, text in sections)
 
 
-def _raise_interrupted(_signum: int, _frame: Any) -> None:
-    raise Interrupted('stopped by SIGTERM')
+def _percent(value: float | None) -> str:
+    return 'not measured' if value is None else f'{report.format_number(value)} %'
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,17 +465,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     logging.getLogger('pika').setLevel(logging.WARNING)
-    # Unwinding on SIGTERM stops mikkoo and drops the database and queue.
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    # Unwinding on SIGTERM or Ctrl-C stops mikkoo and drops the database
+    # and queue.
+    interrupt.install()
     with tempfile.TemporaryDirectory(prefix='mikkoo-benchmark-') as temporary:
         workdir = arguments.log_dir or Path(temporary)
-        workdir.mkdir(parents=True, exist_ok=True)
         benchmark = Benchmark(arguments, workdir)
         try:
             benchmark.set_up()
             benchmark.run()
             summary = benchmark.summary()
-        except (RelayFailed, limits.PublishFailed, TimeoutError, Interrupted,
+        except (RelayFailed, limits.PublishFailed, TimeoutError, interrupt.Interrupted,
                 psycopg2.Error, pika.exceptions.AMQPError) as error:
             LOGGER.error('benchmark failed: %s: %s', type(error).__name__, error)
             return EXIT_FAILURE

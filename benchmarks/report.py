@@ -69,7 +69,7 @@ class Figures:
 
 def format_number(value: float) -> str:
     # Four significant digits, so that 0.9996 never prints as a rounded 1.
-    if abs(value) >= 10_000:
+    if abs(value) >= 1000:
         return f'{value:,.0f}'
     return f'{value:.4g}'
 

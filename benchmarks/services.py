@@ -19,6 +19,8 @@ import psycopg2.extensions
 from pika.adapters.blocking_connection import BlockingChannel
 from psycopg2 import sql
 
+from benchmarks import interrupt
+
 LOGGER = logging.getLogger(__name__)
 T = TypeVar('T')
 
@@ -266,10 +268,11 @@ class BrokerQueue:
         """
         for attempt in range(1, RECONNECT_ATTEMPTS + 1):
             try:
-                if self._channel is None or not self._channel.is_open:
-                    self._connect()
-                assert self._channel is not None
-                return operation(self._channel)
+                with interrupt.deferred():
+                    if self._channel is None or not self._channel.is_open:
+                        self._connect()
+                    assert self._channel is not None
+                    return operation(self._channel)
             except (pika.exceptions.AMQPConnectionError,
                     pika.exceptions.AMQPChannelError) as error:
                 self._close()
