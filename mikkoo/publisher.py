@@ -209,12 +209,24 @@ class Publisher:
             on_open_error_callback=self._on_connection_error,
             on_close_callback=self._on_connection_closed,
             custom_ioloop=self._ioloop)
-        self._run_until(lambda: self._channel is not None and self._channel.is_open
-                        and not self._channel_opening, CONNECT_TIMEOUT + RPC_TIMEOUT)
+        try:
+            self._run_until(lambda: self._channel is not None and self._channel.is_open
+                            and not self._channel_opening, CONNECT_TIMEOUT + RPC_TIMEOUT)
+        except BrokerUnavailable:
+            # A connection that opened too late must not pass for a usable one.
+            self.close()
+            raise
         self._known_exchanges.clear()
 
     def close(self) -> None:
-        """Close the connection; deliveries still in flight become in doubt."""
+        """Close the connection; deliveries still in flight become in doubt.
+
+        A connection that does not close within 5 s is left to close on its
+        own, and its callbacks still run on the shared I/O loop. So every
+        callback first checks that its connection or channel is the current
+        one. Delivery tags restart at 1 on every channel, and a late ack of
+        the old channel would otherwise settle a message of the new one.
+        """
         connection, self._connection = self._connection, None
         if connection is None:
             return
@@ -229,14 +241,19 @@ class Publisher:
         self._channel = self._probe = None
 
     def _on_connection_open(self, connection: pika.SelectConnection) -> None:
+        if self._connection is None or connection is not self._connection:
+            return
         connection.add_on_connection_blocked_callback(self._on_blocked)
         connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._open_channel()
 
-    def _on_connection_error(self, _connection: Any, error: BaseException) -> None:
-        self._connection_error = error
+    def _on_connection_error(self, connection: Any, error: BaseException) -> None:
+        if connection is self._connection:
+            self._connection_error = error
 
-    def _on_connection_closed(self, _connection: Any, reason: BaseException) -> None:
+    def _on_connection_closed(self, connection: Any, reason: BaseException) -> None:
+        if connection is not self._connection:
+            return
         self._connection_error = reason
         if _is_caused_by_message(reason):
             if self._isolating:
@@ -260,6 +277,8 @@ class Publisher:
         self._channel = self._connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_channel_open(self, channel: pika.channel.Channel) -> None:
+        if self._channel is None or channel is not self._channel:
+            return
         # Delivery tags count from 1 on every new channel.
         self._next_tag = 1
         self._last_sync_tag = 0
@@ -268,11 +287,12 @@ class Publisher:
             self._channel_opening = False
             return
         channel.add_on_return_callback(self._on_return)
-        channel.confirm_delivery(self._on_confirmation,
-                                 callback=self._on_confirm_selected)
+        channel.confirm_delivery(lambda frame: self._on_confirmation(channel, frame),
+                                 callback=lambda _frame: self._on_confirm_selected(channel))
 
-    def _on_confirm_selected(self, _frame: Any) -> None:
-        self._channel_opening = False
+    def _on_confirm_selected(self, channel: pika.channel.Channel) -> None:
+        if channel is self._channel:
+            self._channel_opening = False
 
     def _on_channel_closed(self, channel: pika.channel.Channel,
                            reason: BaseException) -> None:
@@ -324,8 +344,9 @@ class Publisher:
                 self._run_until(lambda: self._probe is not None, RPC_TIMEOUT)
             self._probe_result = None
             assert self._probe is not None
-            self._probe.exchange_declare(exchange, passive=True,
-                                         callback=self._on_probe_ok)
+            probe = self._probe
+            probe.exchange_declare(exchange, passive=True,
+                                   callback=lambda _frame: self._on_probe_ok(probe))
         except WRONG_STATE_ERRORS as error:
             raise BrokerUnavailable(f'{type(error).__name__}: {error}') from None
         self._run_until(lambda: self._probe_result is not None, RPC_TIMEOUT)
@@ -337,13 +358,18 @@ class Publisher:
         raise ExchangeNotFound(f'exchange {exchange!r} not found ({self._probe_result})')
 
     def _on_probe_open(self, channel: pika.channel.Channel) -> None:
+        if channel.connection is not self._connection:
+            return
         channel.add_on_close_callback(self._on_probe_closed)
         self._probe = channel
 
-    def _on_probe_ok(self, _frame: Any) -> None:
-        self._probe_result = 'ok'
+    def _on_probe_ok(self, probe: pika.channel.Channel) -> None:
+        if probe is self._probe:
+            self._probe_result = 'ok'
 
-    def _on_probe_closed(self, _channel: Any, reason: BaseException) -> None:
+    def _on_probe_closed(self, channel: pika.channel.Channel, reason: BaseException) -> None:
+        if channel is not self._probe:
+            return
         self._probe = None
         self._probe_result = f'closed: {reason}'
 
@@ -456,18 +482,20 @@ class Publisher:
         so the messages up to then count as delivered. pika sends one such
         request at a time and queues the rest.
         """
-        assert self._channel is not None
+        channel = self._channel
+        assert channel is not None
         upto = self._last_sync_tag = self._next_tag - 1
         try:
-            self._channel.basic_qos(prefetch_count=0,
-                                    callback=lambda _frame: self._on_synced(upto))
+            channel.basic_qos(prefetch_count=0,
+                              callback=lambda _frame: self._on_synced(channel, upto))
         except WRONG_STATE_ERRORS:
             # The channel is closing; its close callback puts the messages
             # not yet synced in doubt.
             pass
 
-    def _on_synced(self, upto: int) -> None:
-        self.delivered += len(self._pop_through(upto))
+    def _on_synced(self, channel: pika.channel.Channel, upto: int) -> None:
+        if channel is self._channel:
+            self.delivered += len(self._pop_through(upto))
 
     def _pop_through(self, upto: int) -> list[_Delivery]:
         """Remove and return the outstanding deliveries with tags up to ``upto``."""
@@ -503,7 +531,10 @@ class Publisher:
 
     # -- confirmations -------------------------------------------------------
 
-    def _on_confirmation(self, frame: pika.frame.Method) -> None:
+    def _on_confirmation(self, channel: pika.channel.Channel,
+                         frame: pika.frame.Method) -> None:
+        if channel is not self._channel:
+            return
         method = frame.method
         failed = isinstance(method, pika.spec.Basic.Nack)
         if method.multiple:
@@ -517,16 +548,26 @@ class Publisher:
             else:
                 self.delivered += 1
 
-    def _on_return(self, _channel: Any, method: pika.spec.Basic.Return,
-                   properties: pika.BasicProperties, _body: bytes) -> None:
+    def _on_return(self, channel: pika.channel.Channel, method: pika.spec.Basic.Return,
+                   properties: pika.BasicProperties, body: bytes) -> None:
+        if channel is not self._channel:
+            return
         # A return arrives before the ack of the same message, so the message
         # is still outstanding. Returns come in publish order, so among
-        # messages with the same key the oldest outstanding one is returned.
-        # Returns are rare, so scanning here costs less than keeping an index
-        # up to date for every message published.
+        # messages alike in exchange, routing key, body and key properties
+        # the oldest outstanding one is returned. Returns are rare, so
+        # scanning here costs less than keeping an index up to date.
+        # NOTE: events may set the key properties themselves. Two events
+        # alike in all of these that differ in other headers can route
+        # differently through a headers exchange, and their outcomes may
+        # then be swapped.
         key = _return_key(vars(properties))
         for tag, delivery in self._outstanding.items():
-            if _return_key(delivery.message.properties) == key:
+            message = delivery.message
+            if (message.exchange == method.exchange
+                    and message.routing_key == method.routing_key
+                    and message.body == body
+                    and _return_key(message.properties) == key):
                 del self._outstanding[tag]
                 self.failures.append(
                     (delivery.token, f'unroutable: {method.reply_code} {method.reply_text}'))

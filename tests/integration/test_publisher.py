@@ -1,4 +1,7 @@
 """The publisher against the real RabbitMQ: many messages, one connection."""
+import pika.exceptions
+import pika.frame
+import pika.spec
 import pytest
 
 from mikkoo.config import RabbitMQSettings
@@ -6,6 +9,8 @@ from mikkoo.mapping import Message
 from mikkoo.publisher import FLUSH_EVERY, Publisher, send_buffers
 
 from .conftest import AMQPHelper, rabbitmq_settings, wait_until
+
+ROUTED_BEFORE_RETURN = 400
 
 
 @pytest.mark.parametrize('confirm', [True, False])
@@ -48,3 +53,57 @@ def test_messages_sent_before_window_fills(amqp: AMQPHelper) -> None:
                    message=lambda: f'{amqp.message_count(queue)} messages arrived')
     finally:
         publisher.close()
+
+
+def test_old_connection_callbacks_ignored(amqp: AMQPHelper) -> None:
+    # After a reconnect the old connection may still deliver acks and its
+    # close. Delivery tags restart at 1 on the new channel, so an old ack
+    # must not settle the new channel's messages.
+    queue = amqp.declare_queue()
+    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
+    publisher.connect()
+    try:
+        old_connection, old_channel = publisher._connection, publisher._channel
+        publisher.close()
+        publisher.connect()
+        for number in range(50):
+            publisher.publish(Message('', queue, b'new', {}), number)
+
+        publisher._on_confirmation(old_channel, pika.frame.Method(
+            1, pika.spec.Basic.Ack(delivery_tag=50, multiple=True)))
+        publisher._on_connection_closed(old_connection, pika.exceptions.ConnectionClosedByBroker(
+            320, 'CONNECTION_FORCED'))
+
+        assert len(publisher._outstanding) == 50
+        assert publisher.is_connected
+        publisher.wait_for_confirms()
+    finally:
+        publisher.close()
+
+    assert publisher.delivered == 50
+    assert len(amqp.get_messages(queue, count=50)) == 50
+
+
+def test_return_matched_despite_same_ids(amqp: AMQPHelper) -> None:
+    # Events may set correlation_id and the id headers themselves, so two
+    # messages in flight can share them. The routing key separates these.
+    exchange = amqp.declare_exchange('direct')
+    queue = amqp.declare_queue()
+    amqp.bind(queue, exchange, 'routed')
+    properties = {'correlation_id': 'replayed',
+                  'headers': {'sequence': 7, 'pgq_event_id': 4242}}
+    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
+    publisher.connect()
+    try:
+        # Many routed messages first, so that some are still unconfirmed
+        # when the broker returns the last one.
+        for number in range(ROUTED_BEFORE_RETURN):
+            publisher.publish(Message(exchange, 'routed', b'event', properties), number)
+        publisher.publish(Message(exchange, 'nowhere', b'event', properties), 'unroutable')
+        publisher.wait_for_confirms()
+    finally:
+        publisher.close()
+
+    failures = publisher.take_failures()
+    assert [token for token, _reason in failures] == ['unroutable']
+    assert publisher.delivered == ROUTED_BEFORE_RETURN
