@@ -98,27 +98,33 @@ def send_buffers(connection: pika.SelectConnection | None) -> collections.deque[
 
 
 def coalesce(buffers: collections.deque[bytes], chunk_bytes: int) -> None:
-    """Join ``buffers`` after the first, in place, into chunks of at most ``chunk_bytes``.
+    """Join the small buffers at the end of ``buffers``, in place, into chunks.
 
-    The first buffer stays as it is: a TLS write that could not finish must
-    be retried with the same bytes. A buffer longer than ``chunk_bytes``
-    stays whole. The bytes and their order are unchanged.
+    Only the trailing run of buffers shorter than half of ``chunk_bytes``
+    is joined, into chunks of at most ``chunk_bytes``. The buffers before
+    it were joined on an earlier turn or are large enough to send alone,
+    so a turn costs time for what was queued since the last one, not for
+    a whole backlog. The first buffer is never joined: a TLS write that
+    could not finish must be retried with the same bytes. The bytes and
+    their order are unchanged.
     """
-    if len(buffers) < 3:
+    small = chunk_bytes // 2
+    tail: list[bytes] = []
+    while len(buffers) > 1 and len(buffers[-1]) < small:
+        tail.append(buffers.pop())
+    tail.reverse()
+    if len(tail) < 2:
+        buffers.extend(tail)
         return
-    head = buffers.popleft()
-    chunks: list[bytes] = [head]
     pending: list[bytes] = []
     size = 0
-    for buffer in buffers:
+    for buffer in tail:
         if pending and size + len(buffer) > chunk_bytes:
-            chunks.append(b''.join(pending))
+            buffers.append(b''.join(pending))
             pending, size = [], 0
         pending.append(buffer)
         size += len(buffer)
-    chunks.append(b''.join(pending))
-    buffers.clear()
-    buffers.extend(chunks)
+    buffers.append(b''.join(pending))
 
 
 def connection_parameters(settings: RabbitMQSettings, name: str) -> pika.ConnectionParameters:

@@ -7,9 +7,9 @@ from mikkoo.publisher import coalesce
 def test_later_buffers_joined_into_chunks() -> None:
     buffers = collections.deque([b'head', b'aa', b'bb', b'cc', b'dd', b'e'])
 
-    coalesce(buffers, chunk_bytes=4)
+    coalesce(buffers, chunk_bytes=8)
 
-    assert list(buffers) == [b'head', b'aabb', b'ccdd', b'e']
+    assert list(buffers) == [b'head', b'aabbccdd', b'e']
 
 
 def test_first_buffer_kept_apart() -> None:
@@ -20,19 +20,21 @@ def test_first_buffer_kept_apart() -> None:
     assert list(buffers) == [b'a', b'bc']
 
 
-def test_long_buffer_stays_whole() -> None:
-    buffers = collections.deque([b'h', b'x', b'long-buffer', b'y', b'z'])
+def test_walk_stops_at_large_buffer() -> None:
+    # A buffer of half a chunk or more was joined on an earlier turn or is
+    # large enough alone; what lies before it is not walked again.
+    buffers = collections.deque([b'h', b'x', b'y', b'long-buffer', b'p', b'q'])
 
-    coalesce(buffers, chunk_bytes=4)
+    coalesce(buffers, chunk_bytes=8)
 
-    assert list(buffers) == [b'h', b'x', b'long-buffer', b'yz']
+    assert list(buffers) == [b'h', b'x', b'y', b'long-buffer', b'pq']
 
 
-def test_two_buffers_left_alone() -> None:
-    for items in ([], [b'only'], [b'one', b'two']):
+def test_one_small_buffer_left_alone() -> None:
+    for items in ([], [b'only'], [b'one', b'two'], [b'h', b'long-buffer', b'x']):
         buffers = collections.deque(items)
 
-        coalesce(buffers, chunk_bytes=100)
+        coalesce(buffers, chunk_bytes=8)
 
         assert list(buffers) == items
 
@@ -46,3 +48,13 @@ def test_joined_bytes_equal_original() -> None:
     assert b''.join(buffers) == b''.join(items)
 
     assert all(len(chunk) <= 64 for chunk in list(buffers)[1:])
+
+
+def test_second_turn_joins_only_new_buffers() -> None:
+    buffers = collections.deque([b'h'] + [b'ab'] * 8)
+    coalesce(buffers, chunk_bytes=8)
+    buffers.extend([b'cd', b'ef'])
+
+    coalesce(buffers, chunk_bytes=8)
+
+    assert list(buffers) == [b'h', b'abababab', b'abababab', b'cdef']
