@@ -4,9 +4,11 @@ The handler raises Interrupted in the main thread, so that the cleanup in
 ``finally`` blocks stops mikkoo and drops the database and queue. Inside
 pika's I/O loop an exception would be taken for a lost connection and the
 measurement retried, so the code that runs pika delays the signal
-with :func:`deferred` and checks :func:`pending` while it waits. A signal
-is raised once: the cleanup that follows runs undisturbed unless another
-signal arrives.
+with :func:`deferred` and checks :func:`pending` while it waits. A
+signal stays pending until the run is over, so that one swallowed where
+it was raised (by a logging handler, say) is raised again at the next
+check. The cleanup runs inside :func:`shielded`, which no signal
+interrupts.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ class Interrupted(Exception):
 
 
 _received: str | None = None   # the name of the last stop signal
-_pending = False               # a stop signal arrived and was not raised yet
 _deferring = 0
+_shielded = False
 
 
 def install() -> None:
@@ -30,15 +32,28 @@ def install() -> None:
     signal.signal(signal.SIGINT, _handle)
 
 
+def uninstall() -> None:
+    """Ignore stop signals from now on: the run is over and cleaned up.
+
+    Python restores the default handlers while it exits, and a signal then
+    would kill the process with a status of its own instead of 1.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def received() -> str | None:
+    """Return the name of the last stop signal, or None."""
+    return _received
+
+
 def pending() -> bool:
-    return _pending
+    return _received is not None and not _shielded
 
 
 def check() -> None:
-    """Raise Interrupted when a stop signal has arrived since the last raise."""
-    global _pending
-    if _pending:
-        _pending = False
+    """Raise Interrupted when a stop signal has arrived, except in the cleanup."""
+    if pending():
         raise Interrupted(f'stopped by {_received}')
 
 
@@ -54,9 +69,19 @@ def deferred() -> Iterator[None]:
         check()
 
 
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Run the block to its end whatever signals arrive: for the cleanup."""
+    global _shielded
+    _shielded = True
+    try:
+        yield
+    finally:
+        _shielded = False
+
+
 def _handle(signum: int, _frame: Any) -> None:
-    global _received, _pending
+    global _received
     _received = signal.Signals(signum).name
-    _pending = True
     if not _deferring:
         check()

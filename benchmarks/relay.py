@@ -289,7 +289,8 @@ class Benchmark:
             result = wait_for_drain(mikkoo, self.broker, events, timeout=60 + events / 500)
             extra = self.broker.message_count() - events
         finally:
-            status = mikkoo.stop()
+            with interrupt.shielded():
+                status = mikkoo.stop()
         if status != 0:
             self._warn(f'queue {queue}: mikkoo exited with status {status} after '
                        f'SIGTERM (None: it or a leftover worker was killed)\n'
@@ -338,7 +339,8 @@ class Benchmark:
             windows = measure_idle(mikkoo, self.arguments.repeat,
                                    self.arguments.idle_seconds)
         finally:
-            mikkoo.stop()
+            with interrupt.shielded():
+                mikkoo.stop()
             self.database.drop_queue(queue)
         for worker, controller in windows:
             self.figures.add('idle mikkoo, worker CPU', '% of a core', worker)
@@ -480,7 +482,13 @@ def main(argv: list[str] | None = None) -> int:
             LOGGER.error('benchmark failed: %s: %s', type(error).__name__, error)
             return EXIT_FAILURE
         finally:
-            benchmark.clean_up()
+            with interrupt.shielded():
+                benchmark.clean_up()
+            interrupt.uninstall()
+    if interrupt.received() is not None:
+        # The signal was swallowed where it was raised; the run is still void.
+        LOGGER.error('benchmark failed: stopped by %s', interrupt.received())
+        return EXIT_FAILURE
     print(format_report(summary, benchmark))
     if arguments.json is not None:
         arguments.json.write_text(json.dumps(summary, indent=2) + '\n')

@@ -77,9 +77,11 @@ class Database:
         self.created = False
 
     def create(self) -> None:
+        # Set first: a signal right after CREATE DATABASE returns must still
+        # leave the database to drop(), which tolerates a missing one.
+        self.created = True
         with _admin_connection() as admin, admin.cursor() as cursor:
             cursor.execute(sql.SQL('CREATE DATABASE {}').format(sql.Identifier(self.name)))
-        self.created = True
         with self.connect() as connection, connection.cursor() as cursor:
             cursor.execute('CREATE EXTENSION IF NOT EXISTS pgq')
 
