@@ -43,6 +43,16 @@ SELECT pgq.event_retry_raw({queue}, {consumer}, now() + make_interval(secs => {d
 RETRY_TEMPLATE = ('(%s::bigint, %s::timestamptz, %s::integer, %s::text, %s::text, '
                   '%s::text, %s::text, %s::text, %s::text)')
 
+# Target size of one chunk of events. Each FETCH requests as many rows as
+# fit at the average size of the previous chunk's, and at most fetch_size.
+# The first requests FIRST_FETCH_ROWS at most, because nothing is known yet.
+FETCH_BYTES = 16 * 1024 * 1024
+FIRST_FETCH_ROWS = 20
+# Bytes counted per row besides its data and metadata texts: the Python
+# objects of the row and its other columns (an estimate).
+ROW_OVERHEAD_BYTES = 500
+DATA_COLUMNS = (6, 9, 10)   # ev_data, ev_extra3, ev_extra4 in EVENT_COLUMNS
+
 # Connection-level failures: the session is gone and must be reopened.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
@@ -166,6 +176,7 @@ class BatchSource:
         that stays open until :meth:`finish` or :meth:`abandon`. The next
         chunk is fetched in a thread while the caller works on the current
         one. psycopg2 serialises the two threads' use of the connection.
+        Chunks of large events hold fewer of them (see FETCH_BYTES).
         """
         cursor = self._cursor()
         cursor.execute('SELECT pgq.batch_event_sql(%s)', (batch_id,))
@@ -174,18 +185,25 @@ class BatchSource:
                        f'SELECT {EVENT_COLUMNS} FROM ({batch_sql}) AS batch ORDER BY ev_id')
         with concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix='pgq-fetch') as pool:
-            pending = pool.submit(self._fetch, cursor)
+            pending = pool.submit(self._fetch, cursor, min(self.fetch_size, FIRST_FETCH_ROWS))
             while True:
                 rows = pending.result()
                 if not rows:
                     break
-                pending = pool.submit(self._fetch, cursor)
+                pending = pool.submit(self._fetch, cursor, self._rows_per_fetch(rows))
                 yield [Event._make(row) for row in rows]
         cursor.execute(f'CLOSE {CURSOR_NAME}')
 
-    def _fetch(self, cursor: psycopg2.extensions.cursor) -> list[tuple[Any, ...]]:
-        cursor.execute(f'FETCH {int(self.fetch_size)} FROM {CURSOR_NAME}')
+    def _fetch(self, cursor: psycopg2.extensions.cursor, rows: int) -> list[tuple[Any, ...]]:
+        cursor.execute(f'FETCH {int(rows)} FROM {CURSOR_NAME}')
         return cursor.fetchall()
+
+    def _rows_per_fetch(self, rows: list[tuple[Any, ...]]) -> int:
+        """Return how many rows the next FETCH requests, given the last chunk."""
+        size = sum(len(value) for column in DATA_COLUMNS for row in rows
+                   if (value := row[column]) is not None)
+        per_row = size / len(rows) + ROW_OVERHEAD_BYTES
+        return max(1, min(self.fetch_size, int(FETCH_BYTES / per_row)))
 
     def retry(self, events: list[tuple[Event, int | None]], delay: float) -> None:
         """Hand ``events`` back to PgQ after ``delay`` seconds.

@@ -60,6 +60,9 @@ SEND_CHUNK_BYTES = 256 * 1024
 # broker gets no byte until a whole window is encoded, which at the start
 # of a batch left it idle for about 0.1 s.
 FLUSH_EVERY = 500
+# Body bytes in flight, at most, besides the max_unconfirmed messages, so
+# that large events cannot fill the worker's memory.
+MAX_UNCONFIRMED_BYTES = 32 * 1024 * 1024
 
 
 # pika raises these when a channel or connection closed under a call.
@@ -193,6 +196,10 @@ class Publisher:
         self._sync_every = max(1, max_unconfirmed // SYNC_FRACTION)
         self._last_sync_tag = 0
         self._unflushed = 0   # publishes since the last loop turn
+        # Body bytes sent on any channel, and what was sent before the
+        # oldest message in flight when the window was last counted.
+        self._sent_bytes = 0
+        self._window_start_bytes = 0
 
     # -- connection ----------------------------------------------------------
 
@@ -400,13 +407,15 @@ class Publisher:
     def publish(self, message: Message, token: Any) -> None:
         """Send ``message``; its outcome is reported later under ``token``.
 
-        Blocks while ``max_unconfirmed`` messages are in flight. Raises
+        Blocks while ``max_unconfirmed`` messages or MAX_UNCONFIRMED_BYTES
+        bytes of bodies are in flight. Raises
         BrokerUnavailable when the connection is lost; the messages in flight
         then stay in doubt and are sent again after :meth:`connect`.
         """
         # The common case, checked inline: an open channel with room.
         if (self._channel is None or self._in_doubt or self._connection_error is not None
-                or len(self._outstanding) >= self.max_unconfirmed):
+                or len(self._outstanding) >= self.max_unconfirmed
+                or self._sent_bytes - self._window_start_bytes >= MAX_UNCONFIRMED_BYTES):
             self._wait_for_window()
         self._send(_Delivery(token, message))
         self._unflushed += 1
@@ -421,13 +430,26 @@ class Publisher:
             if self._in_doubt and self._suspect:
                 self._isolate_in_doubt()
                 continue
-            if len(self._outstanding) < self.max_unconfirmed:
+            if not self._window_full():
                 if not self._in_doubt:
                     return
                 self._send(self._in_doubt.popleft())
                 continue
-            self._run_until(lambda: len(self._outstanding) < self.max_unconfirmed
-                            or self._channel is None)
+            if not self.confirm and self._next_tag - 1 > self._last_sync_tag:
+                # A window full of bytes may come before the next sync is due.
+                self._request_sync()
+            self._run_until(lambda: not self._window_full() or self._channel is None)
+
+    def _window_full(self) -> bool:
+        if len(self._outstanding) >= self.max_unconfirmed:
+            return True
+        if self._sent_bytes - self._window_start_bytes < MAX_UNCONFIRMED_BYTES:
+            return False
+        # Counted only when everything sent since the oldest message in
+        # flight may exceed the bound: once per 32 MiB for small messages.
+        unconfirmed = sum(len(delivery.message.body) for delivery in self._outstanding.values())
+        self._window_start_bytes = self._sent_bytes - unconfirmed
+        return unconfirmed >= MAX_UNCONFIRMED_BYTES
 
     def wait_for_confirms(self) -> None:
         """Block until every message sent so far is settled.
@@ -477,6 +499,7 @@ class Publisher:
         tag = self._next_tag
         self._next_tag += 1
         self._outstanding[tag] = delivery
+        self._sent_bytes += len(message.body)
         if not self.confirm and tag - self._last_sync_tag >= self._sync_every:
             self._request_sync()
 
