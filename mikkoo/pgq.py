@@ -46,6 +46,9 @@ RETRY_TEMPLATE = ('(%s::bigint, %s::timestamptz, %s::integer, %s::text, %s::text
 # Target size of one chunk of events. Each FETCH requests as many rows as
 # fit at the average size of the previous chunk's, and at most fetch_size.
 # The first requests FIRST_FETCH_ROWS at most, because nothing is known yet.
+# NOTE: the estimate only looks back. Events that turn large after many
+# small ones can still come fetch_size at a time (2.9 GB peak RSS measured
+# for 1 MB events after 5,020 small ones); the README says so.
 FETCH_BYTES = 16 * 1024 * 1024
 FIRST_FETCH_ROWS = 20
 # Bytes counted per row besides its data and metadata texts: the Python

@@ -584,25 +584,27 @@ class Publisher:
         # A return arrives before the ack of the same message, so the message
         # is still outstanding. Returns come in publish order, so among
         # messages alike in exchange, routing key, body and key properties
-        # the oldest outstanding one is returned. Returns are rare, so
+        # the oldest outstanding one is returned. Events may set the key
+        # properties themselves, and then a headers exchange can route two
+        # such messages apart by their other headers: a message whose
+        # headers equal the returned ones comes first. Returns are rare, so
         # scanning here costs less than keeping an index up to date.
-        # NOTE: events may set the key properties themselves. Two events
-        # alike in all of these that differ in other headers can route
-        # differently through a headers exchange, and their outcomes may
-        # then be swapped.
         key = _return_key(vars(properties))
-        for tag, delivery in self._outstanding.items():
-            message = delivery.message
-            if (message.exchange == method.exchange
-                    and message.routing_key == method.routing_key
-                    and message.body == body
-                    and _return_key(message.properties) == key):
-                del self._outstanding[tag]
-                self.failures.append(
-                    (delivery.token, f'unroutable: {method.reply_code} {method.reply_text}'))
-                return
-        LOGGER.warning('%s: cannot match a returned message (exchange %r, routing key %r)',
-                       self.name, method.exchange, method.routing_key)
+        alike = [tag for tag, delivery in self._outstanding.items()
+                 if delivery.message.exchange == method.exchange
+                 and delivery.message.routing_key == method.routing_key
+                 and delivery.message.body == body
+                 and _return_key(delivery.message.properties) == key]
+        if not alike:
+            LOGGER.warning('%s: cannot match a returned message (exchange %r, routing key %r)',
+                           self.name, method.exchange, method.routing_key)
+            return
+        same_headers = [tag for tag in alike if
+                        self._outstanding[tag].message.properties.get('headers')
+                        == properties.headers]
+        delivery = self._outstanding.pop((same_headers or alike)[0])
+        self.failures.append(
+            (delivery.token, f'unroutable: {method.reply_code} {method.reply_text}'))
 
     def _fail_outstanding(self, reason: str) -> None:
         for delivery in self._outstanding.values():

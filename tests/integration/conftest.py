@@ -337,9 +337,11 @@ class AMQPHelper:
         self.exchanges.append(name)
         return name
 
-    def bind(self, queue: str, exchange: str, routing_key: str = '') -> None:
+    def bind(self, queue: str, exchange: str, routing_key: str = '',
+             arguments: dict[str, Any] | None = None) -> None:
         self._call(lambda channel: channel.queue_bind(queue, exchange,
-                                                      routing_key=routing_key))
+                                                      routing_key=routing_key,
+                                                      arguments=arguments))
 
     def publish(self, exchange: str, routing_key: str, body: bytes = b'',
                 properties: pika.BasicProperties | None = None) -> None:

@@ -107,3 +107,27 @@ def test_return_matched_despite_same_ids(amqp: AMQPHelper) -> None:
     failures = publisher.take_failures()
     assert [token for token, _reason in failures] == ['unroutable']
     assert publisher.delivered == ROUTED_BEFORE_RETURN
+
+
+def test_return_matched_by_headers_exchange(amqp: AMQPHelper) -> None:
+    # A headers exchange routes by the headers alone, so two messages alike
+    # in routing key, body and id properties can part ways there.
+    exchange = amqp.declare_exchange('headers')
+    queue = amqp.declare_queue()
+    amqp.bind(queue, exchange, arguments={'x-match': 'all', 'k': 'routable'})
+    ids = {'sequence': 7, 'pgq_event_id': 4242}
+    routed = {'correlation_id': 'replayed', 'headers': {**ids, 'k': 'routable'}}
+    unroutable = {'correlation_id': 'replayed', 'headers': {**ids, 'k': 'other'}}
+    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
+    publisher.connect()
+    try:
+        for number in range(ROUTED_BEFORE_RETURN):
+            publisher.publish(Message(exchange, '', b'event', routed), number)
+        publisher.publish(Message(exchange, '', b'event', unroutable), 'unroutable')
+        publisher.wait_for_confirms()
+    finally:
+        publisher.close()
+
+    failures = publisher.take_failures()
+    assert [token for token, _reason in failures] == ['unroutable']
+    assert publisher.delivered == ROUTED_BEFORE_RETURN
