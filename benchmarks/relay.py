@@ -467,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     logging.getLogger('pika').setLevel(logging.WARNING)
+    # A stop signal raised inside a log call is swallowed by logging, which
+    # would print a traceback; interrupt raises the signal again later.
+    logging.raiseExceptions = False
     # Unwinding on SIGTERM or Ctrl-C stops mikkoo and drops the database
     # and queue.
     interrupt.install()
