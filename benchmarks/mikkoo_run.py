@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from benchmarks import interrupt
 from benchmarks.services import (
     RABBITMQ_HOST, RABBITMQ_PASSWORD, RABBITMQ_PORT, RABBITMQ_USER, BrokerQueue)
 
@@ -121,7 +122,9 @@ class MikkooProcess:
         if command is None:
             raise RelayFailed('the mikkoo command is not on PATH; install the '
                               'project with pip install -e . first')
-        with open(self.log, 'ab') as log:
+        with open(self.log, 'ab') as log, interrupt.deferred():
+            # Deferred, so that a stop signal cannot leave mikkoo running
+            # before self.process names it for stop().
             self.started = time.monotonic()
             self.process = subprocess.Popen(
                 [command, '-c', str(self.config), '-f'], stdin=subprocess.DEVNULL,

@@ -284,8 +284,8 @@ class Benchmark:
         config = self.workdir / f'{queue}.yml'
         write_config(config, queue, self.database.url, confirm=confirm)
         mikkoo = MikkooProcess(config, self.workdir / f'{queue}.log')
-        mikkoo.start()
         try:
+            mikkoo.start()
             result = wait_for_drain(mikkoo, self.broker, events, timeout=60 + events / 500)
             extra = self.broker.message_count() - events
         finally:
@@ -334,8 +334,8 @@ class Benchmark:
         mikkoo = MikkooProcess(config, self.workdir / f'{queue}.log')
         LOGGER.info('idle: %d windows of %g s', self.arguments.repeat,
                     self.arguments.idle_seconds)
-        mikkoo.start()
         try:
+            mikkoo.start()
             windows = measure_idle(mikkoo, self.arguments.repeat,
                                    self.arguments.idle_seconds)
         finally:
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             with interrupt.shielded():
                 benchmark.clean_up()
-            interrupt.uninstall()
+                interrupt.uninstall()
     if interrupt.received() is not None:
         # The signal was swallowed where it was raised; the run is still void.
         LOGGER.error('benchmark failed: stopped by %s', interrupt.received())
