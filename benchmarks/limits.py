@@ -150,7 +150,9 @@ class PipelinedPublisher:
     def _fill_window(self) -> None:
         assert self._channel is not None and self._connection is not None
         if not self._channel.is_open:
-            return   # stopping: replies still arriving must not publish more
+            # The connection is closing, and replies that still arrive
+            # must not publish more.
+            return
         burst = 0
         while self.published < self.count and self.published - self.settled < self.window:
             if self.join_writes and burst == FLUSH_EVERY:

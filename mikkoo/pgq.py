@@ -47,8 +47,8 @@ RETRY_TEMPLATE = ('(%s::bigint, %s::timestamptz, %s::integer, %s::text, %s::text
 # fit at the average size of the previous chunk's, and at most fetch_size.
 # The first requests FIRST_FETCH_ROWS at most, because nothing is known yet.
 # NOTE: the estimate only looks back. Events that turn large after many
-# small ones can still come fetch_size at a time (2.9 GB peak RSS measured
-# for 1 MB events after 5,020 small ones); the README says so.
+# small ones can still come fetch_size at a time: 2.9 GB peak RSS was
+# measured for 1 MB events after 5,020 small ones. The README warns of it.
 FETCH_BYTES = 16 * 1024 * 1024
 FIRST_FETCH_ROWS = 20
 # Bytes counted per row besides its data and metadata texts: the Python

@@ -84,6 +84,25 @@ def test_old_connection_callbacks_ignored(amqp: AMQPHelper) -> None:
     assert len(amqp.get_messages(queue, count=50)) == 50
 
 
+def publish_routed_then_unroutable(routed: Message, unroutable: Message) -> Publisher:
+    """Publish many ``routed`` messages, then ``unroutable``, and return the closed publisher.
+
+    The routed messages come first, so that some are still unconfirmed when
+    the broker returns the last one. Their tokens are their numbers, and
+    the unroutable message's token is 'unroutable'.
+    """
+    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
+    publisher.connect()
+    try:
+        for number in range(ROUTED_BEFORE_RETURN):
+            publisher.publish(routed, number)
+        publisher.publish(unroutable, 'unroutable')
+        publisher.wait_for_confirms()
+    finally:
+        publisher.close()
+    return publisher
+
+
 def test_return_matched_despite_same_ids(amqp: AMQPHelper) -> None:
     # Events may set correlation_id and the id headers themselves, so two
     # messages in flight can share them. The routing key separates these.
@@ -92,17 +111,10 @@ def test_return_matched_despite_same_ids(amqp: AMQPHelper) -> None:
     amqp.bind(queue, exchange, 'routed')
     properties = {'correlation_id': 'replayed',
                   'headers': {'sequence': 7, 'pgq_event_id': 4242}}
-    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
-    publisher.connect()
-    try:
-        # Many routed messages first, so that some are still unconfirmed
-        # when the broker returns the last one.
-        for number in range(ROUTED_BEFORE_RETURN):
-            publisher.publish(Message(exchange, 'routed', b'event', properties), number)
-        publisher.publish(Message(exchange, 'nowhere', b'event', properties), 'unroutable')
-        publisher.wait_for_confirms()
-    finally:
-        publisher.close()
+
+    publisher = publish_routed_then_unroutable(
+        Message(exchange, 'routed', b'event', properties),
+        Message(exchange, 'nowhere', b'event', properties))
 
     failures = publisher.take_failures()
     assert [token for token, _reason in failures] == ['unroutable']
@@ -118,15 +130,9 @@ def test_return_matched_by_headers_exchange(amqp: AMQPHelper) -> None:
     ids = {'sequence': 7, 'pgq_event_id': 4242}
     routed = {'correlation_id': 'replayed', 'headers': {**ids, 'k': 'routable'}}
     unroutable = {'correlation_id': 'replayed', 'headers': {**ids, 'k': 'other'}}
-    publisher = Publisher(RabbitMQSettings(**rabbitmq_settings()), confirm=True)
-    publisher.connect()
-    try:
-        for number in range(ROUTED_BEFORE_RETURN):
-            publisher.publish(Message(exchange, '', b'event', routed), number)
-        publisher.publish(Message(exchange, '', b'event', unroutable), 'unroutable')
-        publisher.wait_for_confirms()
-    finally:
-        publisher.close()
+
+    publisher = publish_routed_then_unroutable(
+        Message(exchange, '', b'event', routed), Message(exchange, '', b'event', unroutable))
 
     failures = publisher.take_failures()
     assert [token for token, _reason in failures] == ['unroutable']

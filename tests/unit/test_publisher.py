@@ -22,7 +22,7 @@ def test_first_buffer_kept_apart() -> None:
 
 def test_walk_stops_at_large_buffer() -> None:
     # A buffer of half a chunk or more was joined on an earlier turn or is
-    # large enough alone; what lies before it is not walked again.
+    # large enough alone. So the buffers before it are not walked again.
     buffers = collections.deque([b'h', b'x', b'y', b'long-buffer', b'p', b'q'])
 
     coalesce(buffers, chunk_bytes=8)
